@@ -1,0 +1,19 @@
+"""polytask: one model, many tasks — joint multi-task learning, continual learning and
+model merging behind one vocabulary (Task, TaskSuite, Backbone, Architecture, Weighting,
+Strategy, Merger, Trainer)."""
+
+from polytask.api import RunResult, evaluate_run, load_run, run, train
+from polytask.config import RunConfig
+from polytask.errors import PolytaskError
+from polytask.registry import ARCHITECTURES, BACKBONES, MERGERS, SCENARIOS, STRATEGIES, SUITES, WEIGHTINGS
+from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
+from polytask.trainer import Hook, TrainConfig, Trainer
+from polytask.weighting._base import Weighting
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHITECTURES", "BACKBONES", "MERGERS", "SCENARIOS", "STRATEGIES", "SUITES", "WEIGHTINGS",
+    "Hook", "InputSpec", "MultiTaskData", "PolytaskError", "RunConfig", "RunResult", "Task", "TaskSuite",
+    "TrainConfig", "Trainer", "Weighting", "evaluate_run", "load_run", "run", "train",
+]

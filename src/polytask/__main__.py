@@ -1,0 +1,3 @@
+from polytask.cli import main
+
+main()

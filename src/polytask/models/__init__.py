@@ -1,0 +1,1 @@
+"""Backbones (shared input encoders), heads and architectures."""

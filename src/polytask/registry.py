@@ -1,0 +1,96 @@
+"""Registries: every method is found by name (``create("mmoe")``), timm/peft style."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+from polytask.errors import PolytaskError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    obj: T
+    description: str
+
+
+class Registry(Generic[T]):
+    """A name -> class/factory table for one family (suite, arch, weighting, ...)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name``; the description defaults to the docstring's first line."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.family} {name!r} is registered twice")
+            text = description or " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
+            self._entries[name] = Entry(name, obj, text)
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PolytaskError(
+                f"unknown {self.family} {name!r}{hint}; choose one of: {', '.join(self.names())}"
+            )
+        return self._entries[name].obj
+
+    def create(self, name: str, *args: Any, **options: Any) -> Any:
+        """Instantiate ``name`` with ``options``, rejecting options it does not take."""
+        factory = self.get(name)
+        check_options(factory, options, f"{self.family} {name!r}")
+        return factory(*args, **options)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+def check_options(factory: Callable[..., Any], options: dict[str, Any], what: str) -> None:
+    """Raise a one-line error naming any keyword ``factory`` does not accept."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
+                (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise PolytaskError(
+            f"{what} has no option {unknown[0]!r}; its options are: {', '.join(accepted) or '(none)'}"
+        )
+
+
+SUITES: Registry[Any] = Registry("suite")
+BACKBONES: Registry[Any] = Registry("backbone")
+ARCHITECTURES: Registry[Any] = Registry("architecture")
+WEIGHTINGS: Registry[Any] = Registry("weighting")
+STRATEGIES: Registry[Any] = Registry("strategy")
+SCENARIOS: Registry[Any] = Registry("scenario")
+MERGERS: Registry[Any] = Registry("merger")
+
+FAMILIES: dict[str, Registry[Any]] = {
+    "suite": SUITES,
+    "backbone": BACKBONES,
+    "arch": ARCHITECTURES,
+    "weighting": WEIGHTINGS,
+    "strategy": STRATEGIES,
+    "scenario": SCENARIOS,
+    "merger": MERGERS,
+}

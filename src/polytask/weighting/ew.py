@@ -1,0 +1,18 @@
+"""Equal weighting: minimise the plain sum of task losses, L = sum_t L_t."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from polytask.registry import WEIGHTINGS
+from polytask.weighting._base import GradContext, Weighting
+
+
+@WEIGHTINGS.register("ew")
+class EqualWeighting(Weighting):
+    """Equal weighting: the sum of task losses (the usual baseline)."""
+
+    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+        losses.sum().backward()
+        return torch.ones_like(losses).detach()

@@ -1,0 +1,24 @@
+"""Trains a small MMoE; run directly (1 process) or under torchrun (2 processes)."""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import polytask.data  # noqa: F401
+import polytask.models.arch  # noqa: F401
+import polytask.weighting  # noqa: F401
+from polytask import ARCHITECTURES, SUITES, TrainConfig, Trainer
+from polytask.trainer import seed_everything, _rank
+
+torch.set_num_threads(1)
+out, weighting = sys.argv[1], sys.argv[2]
+suite = SUITES.create("synthetic-mmoe", num_samples=400, dim=8, seed=0)
+seed_everything(0)
+model = ARCHITECTURES.create("mmoe", suite.tasks, suite.input_spec, num_experts=3)
+trainer = Trainer(model, suite.tasks, weighting, TrainConfig(epochs=2, batch_size=40, progress=False))
+trainer.fit(suite.train)
+world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+assert trainer.samples_seen == 2 * len(suite.train) // world, trainer.samples_seen  # each rank sees its share
+if _rank() == 0:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
