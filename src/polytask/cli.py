@@ -102,23 +102,23 @@ def train(
 ) -> None:
     """Train one multi-task model and write it, its config and its test metrics to --out."""
     from polytask.api import run
-    from polytask.config import RunConfig
+    from polytask.config import RunConfig, read_yaml
 
     if resume:
         cfg = RunConfig(suite="(from checkpoint)")
     else:
         base: dict[str, Any] = {}
         if config is not None:
-            base = RunConfig.from_yaml(config).to_dict()
+            base = read_yaml(config)
         flags = {"suite": suite, "arch": arch, "weighting": weighting, "backbone": backbone, "baseline": baseline}
         base.update({k: v for k, v in flags.items() if v is not None})
         for key, pairs in (("suite_options", suite_option), ("arch_options", arch_option),
                            ("weighting_options", weighting_option), ("backbone_options", backbone_option)):
             if pairs:
-                base[key] = {**base.get(key, {}), **parse_options(pairs, "--" + key[:-1].replace("_", "-"))}
+                base[key] = {**(base.get(key) or {}), **parse_options(pairs, "--" + key[:-1].replace("_", "-"))}
         train_flags = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "monitor": monitor,
                        "patience": patience, "num_threads": threads}
-        base["train"] = {**base.get("train", {}), **{k: v for k, v in train_flags.items() if v is not None}}
+        base["train"] = {**(base.get("train") or {}), **{k: v for k, v in train_flags.items() if v is not None}}
         base["train"].setdefault("num_threads", 1)
         if tensorboard:
             base["train"]["tensorboard"] = True

@@ -57,13 +57,20 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise PolytaskError(f"config file {str(p)!r} does not exist; pass the path of a YAML run config")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise PolytaskError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from exc
-        return cls.from_dict(data, source=f"config file {str(p)!r}")
+        return cls.from_dict(read_yaml(path), source=f"config file {str(path)!r}")
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file, bad syntax or a non-mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise PolytaskError(f"config file {str(p)!r} does not exist; pass the path of a YAML run config")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PolytaskError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from exc
+    if not isinstance(data, dict):
+        raise PolytaskError(f"config file {str(p)!r} must be a mapping of fields (suite:, arch:, ...)")
+    return data
