@@ -155,16 +155,19 @@ def _length(x: Inputs) -> int:
 
 @dataclass
 class Batch:
+    """A batch: inputs, labels and masks per task; ``full`` names the tasks labelled on every sample."""
+
     x: Inputs
     y: dict[str, Tensor]
     mask: dict[str, Tensor]
+    full: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return _length(self.x)
 
     def subset(self, idx: Tensor) -> Batch:
         return Batch(_index(self.x, idx), {k: v[idx] for k, v in self.y.items()},
-                     {k: v[idx] for k, v in self.mask.items()})
+                     {k: v[idx] for k, v in self.mask.items()}, self.full)
 
 
 @dataclass
@@ -207,7 +210,7 @@ class MultiTaskData:
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         stop = n - n % batch_size if drop_last and n >= batch_size else n
-        whole = Batch(self.x, self.y, self.mask)
+        whole = Batch(self.x, self.y, self.mask, frozenset(k for k, m in self.mask.items() if bool(m.all())))
         for start in range(0, stop, batch_size):
             yield whole.subset(order[start:start + batch_size])
 
