@@ -1,0 +1,155 @@
+"""TaskExpert: experts per stage, per-task gates over experts + memory, additive memory writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polytask import ARCHITECTURES, SUITES, PolytaskError, TrainConfig, Trainer
+from polytask.models.arch._experts import mix
+from polytask.tasks import InputSpec, Task
+from polytask.trainer import seed_everything
+import polytask.data  # noqa: F401
+import polytask.models.arch  # noqa: F401
+
+TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
+DENSE = InputSpec("dense", dim=10)
+RECSYS = InputSpec("recsys", field_vocab=(5, 7), seq_names=("click",), item_vocab=20, seq_len=4, dense_dim=3)
+B = 6
+
+
+def inputs(spec: InputSpec = DENSE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if spec.kind == "dense":
+        return torch.randn(B, spec.dim, generator=g)
+    return {"fields": torch.stack([torch.randint(0, v, (B,), generator=g) for v in spec.field_vocab], 1),
+            "seqs": torch.randint(0, spec.item_vocab, (B, 1, spec.seq_len), generator=g),
+            "dense": torch.randn(B, spec.dense_dim, generator=g)}
+
+
+def losses(out):
+    g = torch.Generator().manual_seed(1)
+    y = {"a": torch.randint(0, 2, (B,), generator=g).float(), "b": torch.randint(0, 3, (B,), generator=g),
+         "c": torch.randn(B, generator=g)}
+    return {t.name: t.loss(out[t.name], y[t.name]).mean() for t in TASKS}
+
+
+def build(spec: InputSpec = DENSE, **opts):
+    torch.manual_seed(0)
+    return ARCHITECTURES.create("taskexpert", TASKS, spec, **opts)
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def nonzero(g) -> bool:
+    return g is not None and bool(g.abs().sum() > 0)
+
+
+def names_of(model, params):
+    ids = {id(p) for p in params}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+@pytest.mark.parametrize("spec", [DENSE, RECSYS], ids=["dense", "recsys"])
+def test_shapes_and_every_parameter_learns(spec):
+    model = build(spec, num_layers=3)
+    out = model(inputs(spec))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (B, 1), "b": (B, 3), "c": (B, 1)}
+    g = grads_of(model, sum(losses(out).values()))
+    assert [n for n, v in g.items() if not nonzero(v)] == []
+
+
+def test_task_parts_get_no_gradient_from_other_tasks():
+    model = build(num_layers=3)
+    for a in model.task_names:
+        g = grads_of(model, losses(model(inputs()))[a])
+        own = names_of(model, model.task_parameters(a))
+        assert any(n.startswith("gates.") for n in own) and all(nonzero(g[n]) for n in own)
+        for b in model.task_names:
+            if b != a:
+                assert not any(nonzero(g[n]) for n in names_of(model, model.task_parameters(b))), (a, b)
+        # the shared experts of every stage learn from each task
+        assert all(nonzero(g[f"experts.{s}.0.0.weight"]) for s in range(3))
+
+
+def test_gates_sum_to_one_over_experts_and_memory():
+    model = build(num_layers=3, num_experts=4)
+    model(inputs())
+    for t in model.task_names:
+        gates = model.last_stage_gates[t]
+        assert [tuple(g.shape) for g in gates] == [(B, 4), (B, 5), (B, 5)]  # stage 1 has no memory yet
+        for g in gates:
+            assert torch.allclose(g.sum(1), torch.ones(B)) and bool((g > 0).all())
+        assert torch.equal(model.last_gates[t], gates[-1])
+    assert model.expert_groups() == {"shared": [0, 1, 2, 3], "a": [4], "b": [4], "c": [4]}
+    assert build(num_layers=1).expert_groups()["a"] == []
+
+
+def test_memory_is_written_layer_to_layer_by_hand():
+    model = build(num_layers=3, num_experts=2).eval()
+    x = inputs()
+    out = model(x)
+    feats = [x, model.trunk[0](x)]
+    feats.append(model.trunk[1](feats[1]))
+    for t in model.task_names:
+        memory = None
+        for s in range(3):
+            experts = torch.stack([e(feats[s]) for e in model.experts[s]], 1)
+            if memory is not None:
+                experts = torch.cat([experts, memory.unsqueeze(1)], 1)  # the memorial expert
+            decoded = mix(model.gates[t][s](feats[s]).softmax(-1), experts)
+            memory = decoded if memory is None else memory + decoded
+            assert torch.allclose(model.last_memory[t][s], memory, atol=1e-6)
+        assert not torch.allclose(model.last_memory[t][0], model.last_memory[t][1])
+        assert torch.allclose(out[t], model.heads[t](memory), atol=1e-6)  # the final memory predicts
+
+
+def test_memorial_expert_reads_the_previous_memory():
+    model = build(num_layers=2, num_experts=3).eval()
+    with torch.no_grad():  # stage-2 gate of task a: all weight on the memorial expert (index 3)
+        model.gates["a"][1].weight.zero_()
+        model.gates["a"][1].bias.copy_(torch.tensor([-60.0, -60.0, -60.0, 60.0]))
+    model(inputs())
+    m1, m2 = model.last_memory["a"]
+    assert torch.allclose(m2, 2 * m1, atol=1e-5)  # F_2 = M_1, so M_2 = M_1 + M_1
+
+
+@pytest.mark.parametrize("spec", [DENSE, RECSYS], ids=["dense", "recsys"])
+def test_rep_mode_matches_normal_mode(spec):
+    model = build(spec, num_layers=2)
+    x = inputs(spec)
+    normal = model(x)
+    full = grads_of(model, sum(losses(normal).values()))
+    model.rep_mode = True
+    rep = model(x)
+    assert all(torch.allclose(normal[t], rep[t]) for t in normal)
+    model.zero_grad(set_to_none=True)
+    sum(losses(rep).values()).backward()
+    assert not any(p.grad is not None for p in model.shared_parameters())
+    model.last_rep.backward(model.rep_leaf.grad)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, full[n], atol=1e-6), n
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(PolytaskError, match="num_layers"):
+        build(num_layers=0)
+    with pytest.raises(PolytaskError, match="num_experts"):
+        build(num_experts=0)
+    with pytest.raises(PolytaskError, match="expert layer"):
+        build(expert=[])
+
+
+def test_trains_with_the_trainer():
+    suite = SUITES.create("synthetic-mmoe", num_samples=600, dim=10, seed=0)
+    seed_everything(0)
+    model = ARCHITECTURES.create("taskexpert", suite.tasks, suite.input_spec)
+    trainer = Trainer(model, suite.tasks, "ew", TrainConfig(epochs=5, batch_size=64, progress=False,
+                                                             restore_best=False, lr=3e-3))
+    trainer.fit(suite.train)
+    first, last = trainer.history[0], trainer.history[-1]
+    assert last["train/task1/loss"] < first["train/task1/loss"]
