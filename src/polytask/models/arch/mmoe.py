@@ -41,10 +41,20 @@ class MMoE(Architecture):
                 self.mark_task_specific(name, gate)
         self.make_heads(expert[-1], tower)
         self.last_gates: dict[str, Tensor] = {}
+        self.last_expert_activations: dict[str, Tensor] = {}
+
+    def expert_groups(self) -> dict[str, list[int]]:
+        """Indices in each task gate: every expert is shared; no task has its own."""
+        return {"shared": list(range(len(self.experts))), **{t: [] for t in self.task_names}}
 
     def forward(self, x: Inputs) -> dict[str, Tensor]:
         h = self.backbone(x)
-        experts = self.boundary(torch.stack([e(h) for e in self.experts], 1))  # [B, K, d]
+        outs = [e(h) for e in self.experts]
+        self.last_expert_activations = {f"shared/{i}": o.detach() for i, o in enumerate(outs)}
+        stacked = torch.stack(outs, 1)  # [B, K, d]
+        # the boundary holds all the task-specific side reads: gate inputs and expert outputs
+        rep = self.boundary(torch.cat([h, stacked.flatten(1)], 1))
+        h, experts = rep[:, :h.shape[1]], rep[:, h.shape[1]:].reshape(stacked.shape)
         out: dict[str, Tensor] = {}
         for i, (name, head) in enumerate(self.heads.items()):
             g = self.gates[0 if self.one_gate else i](h).softmax(-1)  # [B, K]
