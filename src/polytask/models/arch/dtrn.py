@@ -17,9 +17,12 @@ Instead of sharing one bottom representation, every task t gets its own:
         z = mean_E(X_t)  (squeeze),   w_t = σ(W²_t ReLU(W¹_t z))  (excitation),
         R_t = flatten(w_t ⊙ X_t)
 (c) Top: ``top="towers"`` feeds R_t to task t's tower; ``top="mmoe"`` puts MMoE on it
-    (shared experts f_k applied to each task's own R_t, task gate softmax(W_t R_t)), the
-    combination the paper reports as DTRN + MMoE.
+    (our wiring: shared experts f_k applied to each task's own R_t, task gate
+    softmax(W_t R_t)), the paper's point that DTRN combines with existing MTL tops.
 
+The formulas above follow the paper's description of TIM (hypernetwork -> conditional
+LayerNorm parameters of a Transformer encoding each behaviour sequence) and TRM (SENet field
+reweighting per task); we do not reproduce its equation numbering.
 Simplifications and choices (not from the paper): one Conditional Transformer layer
 (post-LN, as in Vaswani et al.) shared across behaviour types, learned positions, masked
 mean pooling of its outputs; the hypernetwork is a two-layer ReLU MLP whose γ outputs are
