@@ -101,7 +101,9 @@ def _status_bytes(field: str) -> int:
 def measure(task: str, directory: Path, models: int) -> dict[str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.run([sys.executable, __file__, "--worker", task, "--dir", str(directory), "--models", str(models)],
-                          capture_output=True, text=True, env=env, check=True)
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {task!r} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

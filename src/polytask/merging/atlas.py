@@ -1,0 +1,57 @@
+"""aTLAS: Zhang et al., "Knowledge Composition using Task Vectors with Learned Anisotropic Scaling",
+NeurIPS 2024.
+
+θ = θ_0 + Σ_t Λ_t τ_t with Λ_t block-diagonal: one learned scalar λ_t^b per parameter block b
+(here: per tensor of the state dict) and task vector t (Sec. 3, "anisotropic scaling").
+The coefficients start at 0 (θ = θ_0), as in the authors' code, and are learned with Adam from
+a few labelled shots, batches ``(x, y)``, by cross-entropy, or from unlabeled batches ``x`` by
+the prediction entropy (the paper's test-time-adaptation setting uses unsupervised objectives;
+we use entropy). ``data`` holds one list of batches per target task; the default lr 1e-2 and
+100 steps are our choices for small models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polytask.errors import PolytaskError
+from polytask.merging._base import Merger
+from polytask.merging._learned import Forward, TaskVectorStack, as_batch_lists, entropy, learn_coefficients
+from polytask.merging._taskvector import ModelSource
+from polytask.registry import MERGERS
+
+
+def _few_shot_loss(logits: Tensor, batch: Any) -> Tensor:
+    if isinstance(batch, (tuple, list)) and len(batch) > 1:
+        return F.cross_entropy(logits, batch[1])
+    return entropy(logits)
+
+
+@MERGERS.register("atlas")
+class Atlas(Merger):
+    """aTLAS (Zhang et al., NeurIPS 2024): one learned coefficient per parameter block per task vector."""
+
+    data_free = False
+
+    def __init__(self, *, init: float = 0.0, steps: int = 100, lr: float = 1e-2, seed: int = 0) -> None:
+        self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)
+        self.coefficients: Tensor | None = None
+        self.history: list[float] = []
+        self.keys: list[str] = []
+
+    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], *, model: nn.Module | None = None,
+              data: Sequence[Iterable[Any]] | None = None, forward: Forward | None = None) -> dict[str, Tensor]:
+        """``data[j]``: batches ``(x, y)`` (cross-entropy) or ``x`` (entropy) evaluated with head ``j``."""
+        if model is None or data is None:
+            raise PolytaskError("atlas needs model= (the network the checkpoints belong to) and data= "
+                                "(few-shot batches (x, y) or unlabeled x, one list per target task)")
+        stack = TaskVectorStack(base, finetuned, model)
+        batches = as_batch_lists(data)
+        self.coefficients, self.history = learn_coefficients(
+            stack, model, batches, _few_shot_loss, blocks=len(stack.keys), init=self.init, steps=self.steps,
+            lr=self.lr, seed=self.seed, forward=forward)
+        self.keys = stack.keys
+        return stack.state_dict(self.coefficients)

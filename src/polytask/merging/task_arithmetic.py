@@ -1,0 +1,21 @@
+"""Task arithmetic: Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023.
+
+Adding task vectors (Sec. 2 and Sec. 4): θ = θ_0 + λ Σ_t τ_t with τ_t = θ_t − θ_0.
+The paper picks λ on held-out validation data from {0, 0.05, ..., 1}; for adding several
+tasks the chosen values sit around 0.3–0.4, and 0.3 is the value follow-up work (TIES,
+AdaMerging) uses as the task-arithmetic default, so ``lam`` defaults to 0.3. Negating a task
+vector (λ < 0) forgets a task.
+"""
+
+from __future__ import annotations
+
+from polytask.merging._sparse import SparseTaskArithmetic
+from polytask.registry import MERGERS
+
+
+@MERGERS.register("task-arithmetic")
+class TaskArithmetic(SparseTaskArithmetic):
+    """Task arithmetic (Ilharco et al., ICLR 2023): θ = θ0 + λ Σ τ_t."""
+
+    def __init__(self, *, lam: float = 0.3) -> None:
+        super().__init__(lam)

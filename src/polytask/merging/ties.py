@@ -1,0 +1,33 @@
+"""TIES-Merging: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023.
+
+Algorithm 1 of the paper, per parameter p:
+  1. Trim: τ̂_t keeps the top-k% entries of τ_t by magnitude (per tensor here), zero elsewhere.
+  2. Elect: γ^p = sgn(Σ_t τ̂_t^p)  (the sign with the larger total mass).
+  3. Disjoint merge: A^p = {t : sgn(τ̂_t^p) = γ^p},  τ_m^p = (1/|A^p|) Σ_{t∈A^p} τ̂_t^p.
+  θ = θ_0 + λ τ_m.
+Defaults k = 20 (the paper's recommended top-20%) and λ = 1 (the paper reports λ = 1 works
+well once the disjoint mean is used). The paper trims over each whole task vector; we trim each
+tensor separately (as in common implementations), which keeps the merge streamable tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from polytask.merging._sparse import SparseTaskArithmetic, check_fraction, trim_top
+from polytask.registry import MERGERS
+
+
+@MERGERS.register("ties")
+class Ties(SparseTaskArithmetic):
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim to top-k%, elect signs, disjoint mean."""
+
+    sign_consensus = True
+
+    def __init__(self, *, k: float = 20, lam: float = 1.0) -> None:
+        super().__init__(lam)
+        self.k = float(k)
+        self.density = check_fraction("k/100", self.k / 100.0)
+
+    def sparsify(self, name: str, index: int, delta: Tensor) -> Tensor:
+        return trim_top(delta, self.density)

@@ -1,0 +1,314 @@
+"""Merging: hand-computed TIES/TA/Fisher cases, DARE's expectation, Breadcrumbs' masks, task-vector
+algebra, checkpoint validation, streaming == in-memory, learned mergers and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from polytask import MERGERS, PolytaskError
+from polytask.merging import TaskVector, diagonal_fisher, merge_files
+
+
+def _models(base: list[float], *taus: list[float]) -> tuple[dict, list[dict]]:
+    b = torch.tensor(base)
+    return {"w": b}, [{"w": b + torch.tensor(t)} for t in taus]
+
+
+# --- data-free rules on hand cases -------------------------------------------------------------
+
+def test_ties_matches_hand_computed_trim_elect_disjoint_mean():
+    base, fts = _models([1.0] * 5,
+                        [3.0, -1.0, 0.5, -4.0, 2.0],     # top-40%: 3, -4
+                        [-2.0, 5.0, 1.0, -3.0, 0.1],     # top-40%: 5, -3
+                        [1.0, -6.0, 2.0, 0.2, -0.3])     # top-40%: -6, 2
+    # trimmed sum [3, -1, 2, -7, 0] -> signs [+, -, +, -, 0]; agreeing means [3, -6, 2, -3.5, 0]
+    merged = MERGERS.create("ties", k=40, lam=1.0).merge(base, fts)["w"]
+    assert torch.equal(merged, torch.tensor([4.0, -5.0, 3.0, -2.5, 1.0]))
+    half = MERGERS.create("ties", k=40, lam=0.5).merge(base, fts)["w"]
+    assert torch.equal(half, torch.tensor([2.5, -2.0, 2.0, -0.75, 1.0]))
+
+
+def test_task_arithmetic_hand_case():
+    base, fts = _models([1.0, 2.0], [0.5, -1.0], [1.0, 1.0])
+    merged = MERGERS.create("task-arithmetic", lam=0.5).merge(base, fts)["w"]
+    assert torch.equal(merged, torch.tensor([1.75, 2.0]))
+
+
+def test_average_of_identical_models_is_that_model():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(50, 7), "b": torch.randn(7).half()}
+    ft = {k: v + 0.01 * torch.randn_like(v.float()).to(v.dtype) for k, v in base.items()}
+    merged = MERGERS.create("average").merge(base, [ft, ft, ft])
+    assert all(torch.equal(merged[k], ft[k]) and merged[k].dtype == ft[k].dtype for k in ft)
+
+
+def test_breadcrumbs_masks_exactly_the_configured_fractions():
+    g = torch.Generator().manual_seed(0)
+    mags = torch.randperm(200, generator=g).float() + 1.0
+    signs = torch.where(torch.rand(200, generator=g) < 0.5, -1.0, 1.0)
+    tau = (mags * signs).reshape(10, 20)
+    merged = MERGERS.create("breadcrumbs", beta=0.05, gamma=0.6, lam=1.0).merge(
+        {"w": torch.zeros(10, 20)}, [{"w": tau}])["w"]
+    expect = torch.where((tau.abs() > 120) & (tau.abs() <= 190), tau, torch.zeros(()))  # drop 120 smallest, 10 largest
+    assert torch.equal(merged, expect)
+    assert int((merged != 0).sum()) == 70
+
+
+def test_dare_is_unbiased_and_drops_at_rate_p():
+    tau = torch.tensor([0.5, -2.0, 3.0, 0.1, -0.7])
+    base = {"w": torch.zeros(5)}
+    draws = torch.stack([MERGERS.create("dare", p=0.5, lam=1.0, seed=s).merge(base, [{"w": tau}])["w"]
+                         for s in range(2000)])
+    std = tau.abs() * math.sqrt(0.5 / 0.5 / 2000)
+    assert ((draws.mean(0) - tau).abs() < 5 * std).all()
+    assert set(draws[:, 0].unique().tolist()) == {0.0, 1.0}  # dropped, or rescaled by 1/(1-p)
+    big = MERGERS.create("dare", p=0.9, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
+                                                               [{"w": torch.ones(100_000)}])["w"]
+    dropped = float((big == 0).float().mean())
+    assert abs(dropped - 0.9) < 5 * math.sqrt(0.9 * 0.1 / 100_000)
+    assert torch.allclose(big[big != 0], torch.full((1,), 10.0))
+    again = MERGERS.create("dare", p=0.9, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
+                                                                 [{"w": torch.ones(100_000)}])["w"]
+    assert torch.equal(big, again)
+
+
+def test_dare_with_ties_uses_sign_election():
+    base, fts = _models([0.0, 0.0], [1.0, -1.0], [3.0, 1.0], [-1.0, -3.0])
+    merged = MERGERS.create("dare", p=0.0, ties=True).merge(base, fts)["w"]
+    assert torch.equal(merged, torch.tensor([2.0, -2.0]))  # λ defaults to 1 with ties
+
+
+def test_fisher_merge_with_hand_made_fishers():
+    base = {"w": torch.zeros(2)}
+    fts = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}]
+    fishers = [{"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([3.0, 1.0])}]
+    merged = MERGERS.create("fisher", fishers=fishers, epsilon=0.0).merge(base, fts)["w"]
+    assert torch.allclose(merged, torch.tensor([2.5, 3.0]))
+    weighted = MERGERS.create("fisher", fishers=fishers, weights=[3.0, 1.0], epsilon=0.0).merge(base, fts)["w"]
+    assert torch.allclose(weighted, torch.tensor([(3 * 1 + 3 * 3) / 6, (9 * 2 + 6) / 10]))
+    computed = MERGERS.create("fisher", fishers=lambda i, sd: fishers[i], epsilon=0.0).merge(base, fts)["w"]
+    assert torch.equal(computed, merged)
+
+
+def test_diagonal_fisher_matches_closed_form_for_softmax_regression():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    x = torch.randn(10, 3)
+    fisher = diagonal_fisher(model, [x[:6], x[6:]])
+    p = torch.softmax(model(x), dim=-1)  # ∂ log p_y / ∂ b_c = 1[y=c] − p_c
+    grads = torch.eye(4)[None] - p[:, None, :]  # (N, y, c)
+    expect = (p[:, :, None] * grads.pow(2)).sum(1).mean(0)
+    assert torch.allclose(fisher["bias"], expect, atol=1e-6)
+    assert fisher["weight"].shape == (4, 3)
+
+
+# --- task vectors ---------------------------------------------------------------------------------
+
+def test_task_vector_negation_reverses_addition_exactly():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64, 32), "b": torch.randn(32), "n": torch.tensor(3)}
+    ft = {"w": base["w"] + 0.02 * torch.randn(64, 32), "b": base["b"] * 1.5, "n": torch.tensor(9)}
+    tv = TaskVector.from_models(base, ft)
+    learned = tv.apply_to(base)
+    assert torch.equal(learned["w"], ft["w"]) and torch.equal(learned["b"], ft["b"])
+    forgotten = (-tv).apply_to(learned)
+    assert all(torch.equal(forgotten[k], base[k]) for k in ("w", "b"))
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in (tv + (-tv)).deltas.values())
+    two = (0.5 * tv + tv * 0.5).apply_to(base)
+    assert torch.allclose(two["w"], ft["w"])
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _write(path, tensors):
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(4)},
+     "model 2 (b.safetensors) tensor 'fc.weight' has shape (3, 4) but the base (base.safetensors) has (4, 4)"),
+    ({"fc.weight": torch.zeros(4, 4)},
+     "model 2 (b.safetensors) has no tensor 'fc.bias' but the base (base.safetensors) has"),
+    ({"fc.weight": torch.zeros(4, 4, dtype=torch.float16), "fc.bias": torch.zeros(4)},
+     "model 2 (b.safetensors) tensor 'fc.weight' is float16 but the base (base.safetensors) is float32"),
+    ({"fc.weight": torch.zeros(4, 4), "fc.bias": torch.zeros(4), "extra": torch.zeros(1)},
+     "model 2 (b.safetensors) has a tensor 'extra' that the base (base.safetensors) lacks"),
+])
+def test_mismatched_checkpoint_is_one_line_and_writes_nothing(tmp_path, bad, message):
+    good = {"fc.weight": torch.zeros(4, 4), "fc.bias": torch.zeros(4)}
+    base = _write(tmp_path / "base.safetensors", good)
+    a = _write(tmp_path / "a.safetensors", good)
+    b = _write(tmp_path / "b.safetensors", bad)
+    with pytest.raises(PolytaskError) as err:
+        merge_files("ties", base, [a, b], tmp_path / "out.safetensors")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "base.safetensors"]
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+def _checkpoints(n: int = 3) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(0)
+    base = {"enc.weight": torch.randn(33, 17, generator=g), "enc.bias": torch.randn(17, generator=g),
+            "norm.weight": torch.randn(17, generator=g).half(), "bn.num_batches_tracked": torch.tensor(5)}
+    fts = [{k: (v + 0.05 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v + i
+            for k, v in base.items()} for i in range(n)]
+    return base, fts
+
+
+@pytest.mark.parametrize("method, options", [
+    ("average", {}), ("task-arithmetic", {"lam": 0.4}), ("ties", {"k": 30}), ("dare", {"p": 0.5, "seed": 7}),
+    ("dare", {"p": 0.3, "ties": True}), ("breadcrumbs", {"beta": 0.1, "gamma": 0.5}), ("fisher", {}),
+])
+def test_streaming_merge_equals_in_memory_bit_for_bit(tmp_path, method, options):
+    base, fts = _checkpoints()
+    paths = [_write(tmp_path / f"m{i}.safetensors", ft) for i, ft in enumerate(fts)]
+    if method == "fisher":
+        fishers = [{k: v.float().abs() for k, v in ft.items() if v.is_floating_point()} for ft in fts]
+        options = {"fishers": [str(_write(tmp_path / f"f{i}.safetensors", f)) for i, f in enumerate(fishers)]}
+        memory = MERGERS.create(method, fishers=fishers).merge(base, fts)
+    else:
+        memory = MERGERS.create(method, **options).merge(dict(reversed(base.items())), fts)  # key order must not matter
+    summary = merge_files(method, _write(tmp_path / "base.safetensors", base), paths, tmp_path / "out.safetensors", **options)
+    streamed = load_file(str(tmp_path / "out.safetensors"))
+    assert summary["tensors"] == 4 and streamed.keys() == memory.keys()
+    assert all(torch.equal(streamed[k], memory[k]) and streamed[k].dtype == base[k].dtype for k in base)
+    assert torch.equal(streamed["bn.num_batches_tracked"], base["bn.num_batches_tracked"])
+
+
+def test_sharded_hf_folder_and_run_directory_inputs(tmp_path):
+    base, fts = _checkpoints(2)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    keys = list(fts[0])
+    shards = {"model-00001-of-00002.safetensors": keys[:2], "model-00002-of-00002.safetensors": keys[2:]}
+    for name, ks in shards.items():
+        _write(hf / name, {k: fts[0][k] for k in ks})
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run / "model.safetensors", fts[1])
+    (run / "config.yaml").write_text("suite: x\n")
+    merged = MERGERS.create("task-arithmetic").merge(base, [hf, run])
+    assert all(torch.equal(merged[k], MERGERS.create("task-arithmetic").merge(base, fts)[k]) for k in base)
+    with pytest.raises(PolytaskError, match="does not exist"):
+        MERGERS.create("average").merge(base, [tmp_path / "nope.safetensors"])
+
+
+# --- learned mergers -------------------------------------------------------------------------------
+
+def _toy_tasks(n_tasks: int, dim: int = 6, per_task: int = 64, seed: int = 0):
+    """Task t: inputs around its own centre; labels = which of 3 random directions scores highest."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(n_tasks, dim, generator=g)
+    teachers = torch.randn(n_tasks, 3, dim, generator=g)
+    xs = [centres[t] + torch.randn(per_task, dim, generator=g) for t in range(n_tasks)]
+    ys = [(xs[t] - centres[t]).matmul(teachers[t].T).argmax(1) for t in range(n_tasks)]
+    return xs, ys, teachers, centres
+
+
+def _expert(base: dict, teacher: torch.Tensor, centre: torch.Tensor, scale: float) -> dict:
+    """An ideal "fine-tuned" linear classifier for one task."""
+    return {"weight": base["weight"] + scale * teacher, "bias": base["bias"] - scale * teacher @ centre}
+
+
+def test_adamerging_lowers_entropy_and_moves_coefficients():
+    xs, _, teachers, centres = _toy_tasks(2)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fts = [_expert(base, teachers[t], centres[t], 1.0) for t in range(2)]
+
+    def mean_entropy(sd):
+        return sum(float(-(F.softmax(F.linear(x, sd["weight"], sd["bias"]), -1)
+                           * F.log_softmax(F.linear(x, sd["weight"], sd["bias"]), -1)).sum(-1).mean()) for x in xs)
+
+    merger = MERGERS.create("adamerging", steps=60, lr=0.05)
+    merged = merger.merge(base, fts, model=model, data=[[x] for x in xs])
+    init = MERGERS.create("task-arithmetic", lam=0.3).merge(base, fts)
+    assert mean_entropy(merged) < mean_entropy(init) - 0.05
+    assert merger.coefficients.shape == (2, 2) and not torch.allclose(merger.coefficients, torch.tensor(0.3))
+    again = MERGERS.create("adamerging", steps=60, lr=0.05).merge(base, fts, model=model, data=[[x] for x in xs])
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+    task_wise = MERGERS.create("adamerging", granularity="task", steps=5, lr=0.05)
+    task_wise.merge(base, fts, model=model, data=[[x] for x in xs])
+    assert task_wise.coefficients.shape == (2, 1)
+
+
+def test_atlas_learns_block_coefficients_that_beat_its_init():
+    xs, ys, teachers, centres = _toy_tasks(2)
+    torch.manual_seed(1)
+    model = nn.Linear(6, 3)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    useful = _expert(base, teachers[0], centres[0], 1.0)
+    noise = {k: v + torch.randn_like(v) for k, v in base.items()}
+
+    def accuracy(sd):
+        return float((F.linear(xs[0], sd["weight"], sd["bias"]).argmax(1) == ys[0]).float().mean())
+
+    merger = MERGERS.create("atlas", steps=80, lr=0.05)
+    merged = merger.merge(base, [useful, noise], model=model, data=[[(xs[0][:32], ys[0][:32])]])
+    assert merger.coefficients.shape == (2, 2)  # per task vector, per block (weight, bias)
+    assert accuracy(merged) > accuracy(base) + 0.3
+    assert (merger.coefficients[0] > 0.2).all()
+
+
+def test_twin_merging_routes_each_task_to_its_expert():
+    xs, _, teachers, centres = _toy_tasks(3, per_task=80, seed=2)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fts = [_expert(base, teachers[t], centres[t], 1.0) for t in range(3)]
+    merged = MERGERS.create("twin-merging", shared="task-arithmetic", rank=3, steps=150, lr=0.05).merge(
+        base, fts, model=model, data=[[x[:16]] for x in xs])
+    for t in range(3):
+        routed = merged.route(xs[t][16:]).argmax(1)
+        assert float((routed == t).float().mean()) > 0.9
+    one_hot = merged.params_for(torch.eye(3)[1])  # full rank (3 = min(3, 6)): exactly expert 1 back
+    assert all(torch.allclose(one_hot[k], fts[1][k], atol=1e-5) for k in fts[1])
+    assert merged(xs[0][:5]).shape == (5, 3)
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+def test_cli_merge_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from polytask.cli import app
+
+    base, fts = _checkpoints()
+    paths = [str(_write(tmp_path / f"m{i}.safetensors", ft)) for i, ft in enumerate(fts)]
+    b = str(_write(tmp_path / "base.safetensors", base))
+    out = tmp_path / "merged.safetensors"
+    result = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "k=30", "--option",
+                                      "lam=0.8", "--out", str(out), *paths])
+    assert result.exit_code == 0, result.output
+    assert "merged 3 models with ties: 4 tensors" in result.output
+    expect = MERGERS.create("ties", k=30, lam=0.8).merge(base, fts)
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], expect[k]) for k in expect)
+    bad = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "density=0.2",
+                                   "--out", str(tmp_path / "x.safetensors"), *paths])
+    assert isinstance(bad.exception, PolytaskError) and "its options are: k, lam" in str(bad.exception)
+    learned = CliRunner().invoke(app, ["merge", "--base", b, "--method", "adamerging", "--out",
+                                       str(tmp_path / "y.safetensors"), *paths])
+    assert isinstance(learned.exception, PolytaskError) and "learns from data" in str(learned.exception)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_radix_threshold_equals_kthvalue_on_large_tensors():
+    from polytask.merging._sparse import _kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    mags = torch.randn(1 << 20, generator=g).abs()
+    mags[::9] = 0.0
+    for k in (1, 1000, 1 << 19, (1 << 20) - 3, 1 << 20):
+        assert _kth_smallest(mags, k) == mags.kthvalue(k).values
