@@ -127,8 +127,10 @@ def memory_child(cfg: dict[str, Any], steps: int) -> None:
 
 
 def measure_memory(cfg: dict[str, Any], steps: int) -> float:
-    proc = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(cfg), "--steps", str(steps)],
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps(cfg), "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of {label(cfg)} failed:\n{proc.stderr}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"])
 
 

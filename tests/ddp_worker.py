@@ -13,10 +13,12 @@ from polytask.trainer import seed_everything, _rank
 
 torch.set_num_threads(1)
 out, weighting = sys.argv[1], sys.argv[2]
+options = {"mode": sys.argv[3]} if len(sys.argv) > 3 else {}
 suite = SUITES.create("synthetic-mmoe", num_samples=400, dim=8, seed=0)
 seed_everything(0)
 model = ARCHITECTURES.create("mmoe", suite.tasks, suite.input_spec, num_experts=3)
-trainer = Trainer(model, suite.tasks, weighting, TrainConfig(epochs=2, batch_size=40, progress=False))
+trainer = Trainer(model, suite.tasks, weighting, TrainConfig(epochs=2, batch_size=40, progress=False),
+                  weighting_options=options)
 trainer.fit(suite.train)
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
 assert trainer.samples_seen == 2 * len(suite.train) // world, trainer.samples_seen  # each rank sees its share

@@ -25,12 +25,13 @@ def _run(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("weighting", ["ew", "uw"])
+@pytest.mark.parametrize("weighting", [["ew"], ["uw"], ["pcgrad", "params"], ["cagrad", "params"]])
 def test_ddp_two_processes_match_one(tmp_path, weighting):
+    """Gradient methods in params mode all-reduce the per-task gradient matrix before combining it."""
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    _run([sys.executable, str(WORKER), str(single), weighting])
+    _run([sys.executable, str(WORKER), str(single), *weighting])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", str(WORKER), str(double), weighting])
+          f"--master_port={_free_port()}", str(WORKER), str(double), *weighting])
     a, b = load_file(str(single)), load_file(str(double))
     assert a.keys() == b.keys()
     for k in a:

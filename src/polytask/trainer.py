@@ -54,6 +54,7 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     tensorboard: bool = False
+    shuffle: bool = True  # False: batches in data order (task-free continual streams)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -211,7 +212,7 @@ class Trainer:
     def _batches(self, data: MultiTaskData) -> Iterable[Batch]:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
         world, rank = _world(), _rank()
-        for batch in data.batches(self.config.batch_size, shuffle=True, generator=gen):
+        for batch in data.batches(self.config.batch_size, shuffle=self.config.shuffle, generator=gen):
             if world > 1:  # every rank takes its share of the same global batch
                 batch = batch.subset(torch.arange(rank, len(batch.mask[self.tasks[0].name]), world))
             yield batch
@@ -254,7 +255,7 @@ class Trainer:
         if extra is not None:
             extra.backward(retain_graph=True)
         if self.ctx is not None:
-            self.ctx.grads = None
+            self.ctx.reset()
             if self.ddp is not None:
                 with self.ddp.no_sync():  # type: ignore[operator]
                     weights = self.weighting.backward(losses, self.ctx)

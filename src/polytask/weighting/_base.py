@@ -28,15 +28,30 @@ class GradContext:
     shared parameter count). ``mode="rep"``: gradients w.r.t. the shared representation
     the architecture marks with ``boundary`` (cheaper; [T, B*R]).
 
+    Rows come from batched vector-Jacobian products (``is_grads_batched``) of at most
+    ``task_chunk`` tasks each. The default picks by device: one pass per task on CPU,
+    where ``benchmarks/weighting_speed.py`` measured the batched product 0-30% slower
+    (it does the same arithmetic), and all T at once elsewhere. Ops without a batching
+    rule fall back to one pass per task automatically.
+
+    In ``params`` mode the same passes also give the task-specific parameters' per-task
+    gradients, so :meth:`apply` needs no further backward pass: T passes per step where
+    LibMTL's loop runs T + 1.
+
     Under torch.distributed, ``params`` gradients are averaged over ranks before the
     method combines them (every rank then computes the same update); in ``rep`` mode
     each rank combines its own samples' gradients and the resulting parameter gradients
     are averaged.
     """
 
-    def __init__(self, model: nn.Module, mode: GradSource = "params") -> None:
+    def __init__(self, model: nn.Module, mode: GradSource = "params", task_chunk: int | None = None) -> None:
+        if mode not in ("params", "rep"):
+            raise ValueError(f"GradContext mode must be 'params' or 'rep', not {mode!r}")
+        if task_chunk is not None and task_chunk < 1:
+            raise ValueError(f"task_chunk must be at least 1, got {task_chunk}")
         self.model = model
         self.mode = mode
+        self.task_chunk = task_chunk
         self.distributed = dist.is_available() and dist.is_initialized()
         shared = getattr(model, "shared_parameters", None)
         params = [p for p in (shared() if shared else model.parameters()) if p.requires_grad]
@@ -44,7 +59,12 @@ class GradContext:
         ids = {id(p) for p in params}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         self.grads: Tensor | None = None
+        self.other_grads: Tensor | None = None
         self._batched_ok = True
+
+    def reset(self) -> None:
+        """Forget the previous step's gradients (the trainer calls this before every step)."""
+        self.grads = self.other_grads = None
 
     def _targets(self) -> list[Tensor]:
         if self.mode == "rep":
@@ -54,56 +74,83 @@ class GradContext:
             return [leaf]
         return self.shared
 
-    def task_grads(self, losses: Tensor) -> Tensor:
-        """The [T, D] matrix of per-task gradients (one batched vector-Jacobian product)."""
-        targets = self._targets()
-        t = losses.shape[0]
+    def _rows(self, losses: Tensor, targets: list[Tensor], outputs: Tensor) -> Tensor:
+        """Flat [R, D] gradients of ``outputs @ losses`` (one row per row of ``outputs``)."""
+        r = outputs.shape[0]
         grads: Sequence[Tensor | None] | None = None
-        if self._batched_ok:
+        if r == 1:
+            grads = [None if g is None else g.unsqueeze(0) for g in torch.autograd.grad(
+                losses, targets, grad_outputs=outputs[0], retain_graph=True, allow_unused=True)]
+        elif self._batched_ok:
             try:
-                grads = torch.autograd.grad(losses, targets, grad_outputs=torch.eye(t, dtype=losses.dtype),
-                                            is_grads_batched=True, retain_graph=True, allow_unused=True)
+                grads = torch.autograd.grad(losses, targets, grad_outputs=outputs, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
             except RuntimeError:
-                self._batched_ok = False  # an op without a batching rule: fall back to T passes
+                self._batched_ok = False  # an op without a batching rule: fall back to one pass per row
         if grads is None:
-            rows = [torch.autograd.grad(losses[i], targets, retain_graph=True, allow_unused=True) for i in range(t)]
-            grads = [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
-                     for j, p in enumerate(targets)]
-        flat = torch.cat([(g if g is not None else torch.zeros(t, *p.shape)).reshape(t, -1)
+            return torch.cat([self._rows(losses, targets, outputs[i:i + 1]) for i in range(r)])
+        return torch.cat([(g if g is not None else p.new_zeros(r, *p.shape)).reshape(r, -1)
                           for g, p in zip(grads, targets)], 1)
+
+    def task_grads(self, losses: Tensor) -> Tensor:
+        """The [T, D] matrix of per-task gradients of the shared part."""
+        targets = self._targets()
+        if self.mode == "params":
+            targets = targets + self.others
+        t = losses.shape[0]
+        eye = torch.eye(t, dtype=losses.dtype, device=losses.device)
+        chunk = self.task_chunk or (1 if losses.device.type == "cpu" else t)
+        blocks = [self._rows(losses, targets, eye[i:i + chunk]) for i in range(0, t, chunk)]
+        flat = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         if self.distributed and self.mode == "params":
             _all_reduce_mean(flat)
+        if self.mode == "params":
+            d = sum(p.numel() for p in self.shared)
+            flat, self.other_grads = flat[:, :d], flat[:, d:]
         self.grads = flat
         return flat
 
     def apply(self, losses: Tensor, weights: Tensor | None = None, shared_grad: Tensor | None = None) -> None:
         """Write the update into ``.grad``: task-specific parts get the gradient of
         ``sum_t w_t L_t`` (w = 1 by default); the shared part gets ``shared_grad``
-        (default ``w @ G``)."""
+        (default ``w @ G`` if :meth:`task_grads` ran this step, else the gradient of the
+        weighted sum itself, so a weighting can skip G on some steps)."""
         w = torch.ones_like(losses) if weights is None else weights.to(losses).detach()
-        if shared_grad is None:
-            if self.grads is None:
-                raise RuntimeError("call task_grads() first or pass shared_grad")
+        if shared_grad is None and self.grads is not None:
             shared_grad = w @ self.grads
         total = (w * losses).sum()
         if self.mode == "rep":
+            if shared_grad is None:
+                (rep_grad,) = torch.autograd.grad(total, [self._targets()[0]], retain_graph=True)
+                shared_grad = rep_grad.reshape(-1)
             total.backward()
             self.model.last_rep.backward(shared_grad.reshape(self.model.last_rep.shape))
             touched = self.shared + self.others
+        elif shared_grad is None:
+            total.backward()
+            touched = self.shared + self.others
         else:
-            if self.others:
+            touched = []
+            if self.other_grads is not None and self.grads is not None:
+                _add_flat_grad(self.others, w @ self.other_grads)  # already averaged over ranks
+            elif self.others:
                 torch.autograd.backward(total, inputs=self.others)
-            offset = 0
-            for p in self.shared:
-                n = p.numel()
-                g = shared_grad[offset:offset + n].reshape(p.shape)
-                p.grad = g.clone() if p.grad is None else p.grad + g
-                offset += n
-            touched = self.others
+                touched = self.others
+            _add_flat_grad(self.shared, shared_grad)
         if self.distributed:
             for p in touched:
                 if p.grad is not None:
                     _all_reduce_mean(p.grad)
+
+
+def _add_flat_grad(params: list[nn.Parameter], flat: Tensor) -> None:
+    """Add the slices of the flat vector ``flat`` to the ``.grad`` of ``params`` in order."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset:offset + n].reshape(p.shape)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+        offset += n
 
 
 class Weighting(nn.Module):

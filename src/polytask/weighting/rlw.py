@@ -1,0 +1,32 @@
+"""Random Loss Weighting (Lin, Ye, Xu, Shi & Zhang, TMLR 2022, "Reasonable Effectiveness of
+Random Weighting: A Litmus Test for Multi-Task Learning"), Eq. 3 with the normal sampler:
+
+    lambda = softmax(eps),  eps ~ N(0, I_T),  drawn afresh every step;  L = sum_t lambda_t L_t
+
+The draws come from a private generator seeded by ``seed`` (same seed, same weights).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from polytask.registry import WEIGHTINGS
+from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting._common import SeededRandom
+
+
+@WEIGHTINGS.register("rlw")
+class RandomLossWeighting(SeededRandom, Weighting):
+    """Random loss weighting: softmax of standard normal draws each step (Lin et al. 2022)."""
+
+    def __init__(self, task_names: Sequence[str], *, seed: int = 0) -> None:
+        super().__init__(task_names)
+        self._seed(seed)
+
+    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+        w = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), 0).to(losses)
+        (w * losses).sum().backward()
+        return w
