@@ -5,14 +5,16 @@ Per layer (here: per tensor), mask out the ``beta`` fraction of task-vector entr
 largest magnitudes (outliers) and the ``gamma`` fraction with the smallest (noise), keep the
 rest, then add the masked vectors by task arithmetic: θ = θ_0 + λ Σ_t m_t ⊙ τ_t (Sec. 3).
 Defaults beta = 0.01, gamma = 0.85 and λ = 0.3 are our starting point inside the ranges the
-paper explores; the paper tunes them on validation data, and so should you.
+paper explores; the paper tunes them on validation data, and so should you. Entries tied with
+a cut-off magnitude are kept.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from polytask.merging._sparse import SparseTaskArithmetic, check_fraction, cut_tails
+from polytask.merging._sparse import (MagnitudePlan, SparseTaskArithmetic, apply_magnitude_plan, check_fraction,
+                                      magnitude_plan)
 from polytask.registry import MERGERS
 
 
@@ -25,5 +27,9 @@ class Breadcrumbs(SparseTaskArithmetic):
         self.beta = check_fraction("beta", beta)
         self.gamma = check_fraction("gamma", gamma)
 
-    def sparsify(self, name: str, index: int, delta: Tensor) -> Tensor:
-        return cut_tails(delta, self.beta, self.gamma)
+    def plan(self, name: str, index: int, base: Tensor, model: Tensor, scratch: Tensor) -> MagnitudePlan:
+        n = base.numel()
+        return magnitude_plan(base, model, scratch, round(self.gamma * n), round(self.beta * n))
+
+    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
+        apply_magnitude_plan(state, delta, scratch)

@@ -12,6 +12,7 @@ Defaults: p = 0.9 (the paper shows drop rates up to 0.9 leave fine-tuned abiliti
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from polytask.merging._base import tensor_generator
@@ -29,5 +30,8 @@ class Dare(SparseTaskArithmetic):
         self.sign_consensus = bool(ties)
         self.seed = int(seed)
 
-    def sparsify(self, name: str, index: int, delta: Tensor) -> Tensor:
-        return drop_and_rescale(delta, self.p, tensor_generator(self.seed, name, index))
+    def plan(self, name: str, index: int, base: Tensor, model: Tensor, scratch: Tensor) -> torch.Generator:
+        return tensor_generator(self.seed, name, index)
+
+    def sparsify(self, state: torch.Generator, delta: Tensor, scratch: Tensor) -> None:
+        drop_and_rescale(delta, self.p, state, scratch)

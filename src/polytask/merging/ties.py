@@ -8,13 +8,15 @@ Algorithm 1 of the paper, per parameter p:
 Defaults k = 20 (the paper's recommended top-20%) and λ = 1 (the paper reports λ = 1 works
 well once the disjoint mean is used). The paper trims over each whole task vector; we trim each
 tensor separately (as in common implementations), which keeps the merge streamable tensor by tensor.
+The round(k% · n) largest magnitudes are kept, plus any entries tied with the smallest of them.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from polytask.merging._sparse import SparseTaskArithmetic, check_fraction, trim_top
+from polytask.merging._sparse import (MagnitudePlan, SparseTaskArithmetic, apply_magnitude_plan, check_fraction,
+                                      magnitude_plan)
 from polytask.registry import MERGERS
 
 
@@ -29,5 +31,9 @@ class Ties(SparseTaskArithmetic):
         self.k = float(k)
         self.density = check_fraction("k/100", self.k / 100.0)
 
-    def sparsify(self, name: str, index: int, delta: Tensor) -> Tensor:
-        return trim_top(delta, self.density)
+    def plan(self, name: str, index: int, base: Tensor, model: Tensor, scratch: Tensor) -> MagnitudePlan:
+        n = base.numel()
+        return magnitude_plan(base, model, scratch, n - round(self.density * n), 0)
+
+    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
+        apply_magnitude_plan(state, delta, scratch)
