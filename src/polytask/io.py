@@ -14,6 +14,11 @@ import yaml
 from safetensors.torch import save_file
 
 
+def cache_dir() -> Path:
+    """Where polytask caches derived data: ``$POLYTASK_CACHE`` or ``~/.cache/polytask``."""
+    return Path(os.environ.get("POLYTASK_CACHE", Path.home() / ".cache" / "polytask"))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
@@ -21,8 +26,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -101,3 +101,5 @@ def build_backbone(spec: InputSpec, name: str = "auto", **options: object) -> nn
         name = DEFAULT_BACKBONE[spec.kind]
     return BACKBONES.create(name, spec, **options)
 
+
+import polytask.models.pretrained  # noqa: E402,F401  (registers minilm and efficientnet-lite0)
