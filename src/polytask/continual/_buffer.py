@@ -1,0 +1,180 @@
+"""A rehearsal memory filled by reservoir sampling.
+
+Vitter (ACM TOMS 1985), Algorithm R: the n-th item of a stream enters a memory of size M
+directly while n <= M; afterwards it replaces slot j, j ~ U{0, ..., n-1}, when j < M.
+Every item seen so far is then in the memory with probability M / n.
+
+``class_balanced=True`` follows Chrysakis & Moens (ICML 2020, CBRS, Algorithm 1): when the
+memory is full, an item of a class that is not among the largest ones in memory replaces a
+random item of a largest class; an item of a largest class replaces a random item of its own
+class with probability m_c / n_c (m_c stored, n_c seen of class c), so every class keeps a
+uniform sample of its own stream and the classes are balanced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polytask.tasks import Batch, Inputs, Task
+
+
+class ReservoirBuffer:
+    """Stores inputs, per-task labels and masks (and optional extra tensors such as logits)."""
+
+    def __init__(self, capacity: int, *, class_balanced: bool = False, seed: int = 0) -> None:
+        self.capacity = int(capacity)
+        self.class_balanced = class_balanced
+        self.seen = 0
+        self.size = 0
+        self.data: dict[str, Tensor] = {}
+        self.class_seen: dict[int, int] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    # -------------------------------------------------------------- filling
+    def slots(self, count: int, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Decide where each of ``count`` new items goes: (item indices, memory slots)."""
+        if self.class_balanced:
+            assert keys is not None, "class-balanced reservoir needs class keys"
+            return self._balanced_slots(keys)
+        n = self.seen + torch.arange(1, count + 1)
+        draws = (torch.rand(count, generator=self.generator, dtype=torch.float64) * n).long()
+        slot = torch.where(n <= self.capacity, n - 1, draws)
+        self.seen += count
+        chosen: dict[int, int] = {}
+        for i, s in enumerate(slot.tolist()):
+            if s < self.capacity:
+                chosen[s] = i  # a later item overwrites an earlier one in the same slot
+        items = torch.tensor(list(chosen.values()), dtype=torch.long)
+        return items, torch.tensor(list(chosen.keys()), dtype=torch.long)
+
+    def _balanced_slots(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        stored = self.data.get("_key", torch.empty(0, dtype=torch.long))[:self.size].clone()
+        items: list[int] = []
+        slots: list[int] = []
+        for i, c in enumerate(keys.tolist()):
+            self.seen += 1
+            self.class_seen[c] = self.class_seen.get(c, 0) + 1
+            size = len(stored)
+            if size < self.capacity:
+                slot = size
+                stored = torch.cat([stored, torch.tensor([c])])
+            else:
+                counts = torch.bincount(stored - stored.min(), minlength=1)
+                largest = int(counts.max())
+                m_c = int((stored == c).sum())
+                if m_c < largest:  # c is not a largest class: evict from a largest class
+                    big = (counts == largest).nonzero().reshape(-1) + int(stored.min())
+                    pool = torch.isin(stored, big).nonzero().reshape(-1)
+                else:
+                    if float(torch.rand(1, generator=self.generator, dtype=torch.float64)) >= m_c / self.class_seen[c]:
+                        continue
+                    pool = (stored == c).nonzero().reshape(-1)
+                slot = int(pool[torch.randint(len(pool), (1,), generator=self.generator)])
+                stored[slot] = c
+            if slot in slots:
+                items[slots.index(slot)] = i
+            else:
+                items.append(i)
+                slots.append(slot)
+        return torch.tensor(items, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
+
+    def add(self, x: Inputs, tensors: dict[str, Tensor], keys: Tensor | None = None) -> None:
+        """Offer a batch: inputs ``x`` plus named per-sample ``tensors`` (labels, masks, logits)."""
+        count = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+        items, slots = self.slots(count, keys)
+        if len(items) == 0:
+            return
+        flat = {**_flatten_inputs(x), **tensors}
+        if keys is not None:
+            flat["_key"] = keys
+        if not self.data:
+            self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in flat.items()}
+        for k, v in flat.items():
+            self.data[k][slots] = v[items].detach().to(self.data[k].dtype)
+        self.size = max(self.size, int(slots.max()) + 1)
+
+    # ------------------------------------------------------------- sampling
+    def sample(self, n: int) -> dict[str, Tensor]:
+        """``n`` stored items drawn uniformly without replacement (all of them if fewer)."""
+        idx = torch.randperm(self.size, generator=self.generator)[:n]
+        return {k: v[idx] for k, v in self.data.items()}
+
+    def all_rows(self) -> dict[str, Tensor]:
+        return {k: v[:self.size] for k, v in self.data.items()}
+
+    # ---------------------------------------------------------------- state
+    def state_tensors(self, prefix: str) -> dict[str, Tensor]:
+        out = {f"{prefix}{k}": v[:self.size] for k, v in self.data.items()}
+        out[f"{prefix}_rng"] = self.generator.get_state()
+        return out
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"seen": self.seen, "size": self.size, "class_seen": {str(k): v for k, v in self.class_seen.items()},
+                "capacity": self.capacity}
+
+    def load(self, tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str) -> None:
+        self.seen, self.size = int(meta["seen"]), int(meta["size"])
+        self.class_seen = {int(k): int(v) for k, v in meta["class_seen"].items()}
+        self.generator.set_state(tensors[f"{prefix}_rng"])
+        self.data = {}
+        for key, v in tensors.items():
+            if key.startswith(prefix) and key != f"{prefix}_rng":
+                full = torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype)
+                full[:len(v)] = v
+                self.data[key[len(prefix):]] = full
+
+
+def _flatten_inputs(x: Inputs) -> dict[str, Tensor]:
+    return {f"x/{k}": v for k, v in x.items()} if isinstance(x, dict) else {"x": x}
+
+
+def _unflatten_inputs(rows: dict[str, Tensor]) -> Inputs:
+    if "x" in rows:
+        return rows["x"]
+    return {k[2:]: v for k, v in rows.items() if k.startswith("x/")}
+
+
+def batch_tensors(batch: Batch, tasks: list[Task]) -> dict[str, Tensor]:
+    """Labels and masks of ``batch`` for every task in ``tasks`` (zeros and False where absent)."""
+    n = len(batch)
+    out: dict[str, Tensor] = {}
+    for t in tasks:
+        if t.name in batch.y:
+            out[f"y/{t.name}"], out[f"mask/{t.name}"] = batch.y[t.name], batch.mask[t.name]
+        else:
+            shape = (n, t.num_classes) if t.kind == "multilabel" else (n,)
+            dtype = torch.long if t.kind == "multiclass" else torch.float32
+            out[f"y/{t.name}"] = torch.zeros(shape, dtype=dtype)
+            out[f"mask/{t.name}"] = torch.zeros(n, dtype=torch.bool)
+    return out
+
+
+def class_keys(batch: Batch, tasks: list[str]) -> Tensor:
+    """A class id per sample for balancing: 1000 · (index of its first labelled task) + its label
+    (the first label column for multi-label tasks, the rounded value for regression)."""
+    key = torch.full((len(batch),), -1, dtype=torch.long)
+    for i, t in enumerate(tasks):
+        if t not in batch.y:
+            continue
+        y = batch.y[t]
+        lab = y.long().reshape(len(y), -1)[:, 0] if y.dim() > 1 or not y.is_floating_point() else y.round().long()
+        free = (key < 0) & batch.mask[t]
+        key = torch.where(free, 1000 * i + lab, key)
+    return key.clamp(min=0)
+
+
+def batch_rows(batch: Batch, tasks: list[Task]) -> dict[str, Tensor]:
+    """A batch as flat named tensors (``x``/``x/<field>``, ``y/<task>``, ``mask/<task>``)."""
+    return {**_flatten_inputs(batch.x), **batch_tensors(batch, tasks)}
+
+
+def rows_batch(rows: dict[str, Tensor], tasks: list[Task]) -> Batch:
+    """The inverse of :func:`batch_rows`."""
+    names = [t.name for t in tasks]
+    return Batch(_unflatten_inputs(rows), {t: rows[f"y/{t}"] for t in names}, {t: rows[f"mask/{t}"] for t in names})

@@ -1,0 +1,282 @@
+"""Run a strategy through a scenario with the shared Trainer: one ``Trainer.fit`` per
+experience, the accuracy matrix after each, a checkpoint after each (resumable), and the
+metrics, CSV and plots at the end.
+
+Each experience gets a fresh optimizer (Adam state is not carried across experiences, the
+usual protocol, e.g. van de Ven & Tolias 2019). A task-free scenario is trained as one
+unshuffled pass over the concatenated stream (one ``fit``); its boundaries are used only to
+evaluate, from a hook that measures the accuracy row when the stream crosses one. A
+task-free run is therefore checkpointed once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from polytask.continual._base import Strategy
+from polytask.continual._metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
+from polytask.continual._scenario import Scenario
+from polytask.errors import PolytaskError
+from polytask.io import save_safetensors, write_json, write_text, write_yaml
+from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES
+from polytask.tasks import Batch
+from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
+
+
+@dataclass
+class ContinualConfig:
+    """Scenario, strategy and model by name with their options, plus training overrides
+    (``train`` holds only the TrainConfig fields set by the user; the scenario's defaults fill the rest)."""
+
+    scenario: str
+    strategy: str = "finetune"
+    arch: str = "shared-bottom"
+    backbone: str = "auto"
+    seed: int = 0
+    scenario_options: dict[str, Any] = field(default_factory=dict)
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContinualConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise PolytaskError(f"unknown continual config field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+@dataclass
+class ContinualResult:
+    config: ContinualConfig
+    scenario: Scenario
+    strategy: Strategy
+    model: nn.Module
+    metrics: dict[str, Any]
+    out: Path | None
+
+
+def experience_accuracy(model: nn.Module, scenario: Scenario, j: int, batch_size: int = 2048) -> float:
+    """The mean main metric (accuracy for classification) over experience ``j``'s tasks, on its test set."""
+    tasks = scenario.experience_tasks(j)
+    res = evaluate_model(model, tasks, scenario[j].test, batch_size)
+    return float(sum(res[t.name][t.main_metric] for t in tasks) / len(tasks))
+
+
+def accuracy_row(model: nn.Module, scenario: Scenario, strategy: Strategy, batch_size: int = 2048) -> list[float]:
+    strategy.before_eval(model)
+    was_training = model.training
+    row = [experience_accuracy(model, scenario, j, batch_size) for j in range(len(scenario))]
+    model.train(was_training)
+    return row
+
+
+def resolve_train(config: ContinualConfig, scenario: Scenario) -> TrainConfig:
+    base: dict[str, Any] = {"progress": False, "num_threads": 1, "seed": config.seed}
+    base.update(scenario.defaults.get("train", {}))
+    base.update(config.train)
+    base["seed"] = config.seed
+    return TrainConfig.from_dict(base)
+
+
+def build_default_model(config: ContinualConfig, scenario: Scenario) -> nn.Module:
+    options = dict(scenario.defaults.get("arch_options", {})) if config.arch == "shared-bottom" else {}
+    options.update(config.arch_options)
+    return ARCHITECTURES.create(config.arch, scenario.tasks, scenario.input_spec, backbone=config.backbone,
+                                backbone_options=config.backbone_options, **options)
+
+
+class _StreamEval(Hook):
+    """Measures an accuracy row each time a task-free stream crosses an experience boundary."""
+
+    def __init__(self, scenario: Scenario, strategy: Strategy, boundary_steps: list[int], rows: list[list[float]],
+                 batch_size: int) -> None:
+        self.scenario, self.strategy, self.steps, self.rows = scenario, strategy, boundary_steps, rows
+        self.batch_size = batch_size
+
+    def after_backward(self, trainer: Trainer, batch: Batch) -> None:
+        if trainer.step in self.steps:  # trainer.step optimizer steps are done: the model as of that point
+            self.rows.append(accuracy_row(trainer.model, self.scenario, self.strategy, self.batch_size))
+
+
+def _load_components(config: ContinualConfig, scenario: Scenario | None) -> tuple[Scenario, Strategy]:
+    from polytask import continual  # noqa: F401  (registers scenarios and strategies)
+
+    strategy = STRATEGIES.create(config.strategy, **config.strategy_options)
+    if scenario is None:
+        scenario = SCENARIOS.create(config.scenario, seed=config.seed, **config.scenario_options)
+    if scenario.task_free and strategy.needs_boundaries:
+        ok = [n for n in STRATEGIES.names() if not STRATEGIES.get(n).needs_boundaries]
+        raise PolytaskError(f"strategy {config.strategy!r} needs experience boundaries, which the task-free scenario "
+                            f"{scenario.name!r} hides; use one of: {', '.join(ok)}")
+    return scenario, strategy
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise PolytaskError(f"{str(out)!r} holds no continual run to resume; start it with --out {out}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass --resume to continue it)"
+            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+
+
+def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = None, *, resume: bool = False,
+                  overwrite: bool = False, scenario: Scenario | None = None) -> ContinualResult:
+    """Train ``config.strategy`` through the scenario; write metrics, matrix, plots and checkpoints to ``out``.
+
+    ``scenario`` may be a user-built :class:`Scenario` (then ``config.scenario`` is only its label).
+    """
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        if resume:
+            _prepare_out(out_path, True, False)
+            from polytask.config import read_yaml
+
+            config = ContinualConfig.from_dict(read_yaml(out_path / "config.yaml"))
+    scen, strategy = _load_components(config, scenario)
+    train_cfg = resolve_train(config, scen)
+    created = False
+    if out_path is not None and not resume:
+        _prepare_out(out_path, False, overwrite)
+        created = not out_path.exists()
+        out_path.mkdir(parents=True, exist_ok=True)
+        write_yaml(out_path / "config.yaml", config.to_dict())
+    try:
+        return _run(config, scen, strategy, train_cfg, out_path, resume)
+    except (PolytaskError, KeyboardInterrupt):
+        if created and out_path is not None and not (out_path / "checkpoints" / "LATEST").exists():
+            shutil.rmtree(out_path, ignore_errors=True)
+        raise
+
+
+def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_cfg: TrainConfig,
+         out: Path | None, resume: bool) -> ContinualResult:
+    torch.set_num_threads(train_cfg.num_threads or 1)
+    seed_everything(config.seed)
+    strategy.setup(scenario, config.seed)
+    model = strategy.build_model(lambda: build_default_model(config, scenario))
+    random_init = accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size)
+    rows: list[list[float]] = []
+    seconds: list[float] = []
+    start = 0
+    if resume and out is not None:
+        start, rows, seconds = _load_checkpoint(out, model, strategy)
+    n = len(scenario)
+    if scenario.task_free:
+        if start == 0:
+            t0 = time.perf_counter()
+            data, ends = scenario.stream()
+            cfg = replace(train_cfg, epochs=1, shuffle=False)
+            steps = [math.ceil(e / cfg.batch_size) for e in ends[:-1]]
+            strategy.begin(0, scenario.tasks)
+            evaluator = _StreamEval(scenario, strategy, steps, rows, cfg.eval_batch_size)
+            Trainer(model, scenario.tasks, "ew", cfg, hooks=[strategy, evaluator]).fit(data)
+            strategy.end(n - 1)
+            rows.append(accuracy_row(model, scenario, strategy, cfg.eval_batch_size))
+            seconds = [time.perf_counter() - t0]
+            _save_checkpoint(out, n - 1, model, strategy, rows, seconds)
+    else:
+        for i in range(start, n):
+            t0 = time.perf_counter()
+            strategy.begin(i, scenario.experience_tasks(i))
+            tasks, data = strategy.train_data(i)
+            Trainer(model, tasks, "ew", train_cfg, hooks=[strategy]).fit(data)
+            strategy.end(i)
+            seconds.append(time.perf_counter() - t0)
+            rows.append(accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size))
+            _save_checkpoint(out, i, model, strategy, rows, seconds)
+    metrics = {"route": "continual", "scenario": config.scenario, "strategy": config.strategy, "seed": config.seed,
+               "kind": scenario.kind, "task_free": scenario.task_free, "num_experiences": n,
+               **summarize(rows, random_init),
+               "experience_seconds": [round(s, 3) for s in seconds], "train_seconds": round(sum(seconds), 3),
+               "metric": "mean main metric of each experience's tasks (accuracy for classification)"}
+    if out is not None:
+        _write_outputs(out, config, scenario, model, metrics)
+    return ContinualResult(config, scenario, strategy, model, metrics, out)
+
+
+def _write_outputs(out: Path, config: ContinualConfig, scenario: Scenario, model: nn.Module,
+                   metrics: dict[str, Any]) -> None:
+    names = [e.name for e in scenario]
+    write_matrix_csv(out / "accuracy_matrix.csv", metrics["accuracy_matrix"], names)
+    title = f"{config.strategy} on {config.scenario} (seed {config.seed})"
+    plot_heatmap(out / "accuracy_matrix.png", metrics["accuracy_matrix"], title)
+    plot_over_time(out / "accuracy_over_time.png", {config.strategy: metrics["accuracy_matrix"]}, title)
+    save_safetensors(out / "model.safetensors", model.state_dict(),
+                     metadata={"polytask_route": "continual", "polytask_strategy": config.strategy})
+    write_json(out / "metrics.json", metrics)
+
+
+def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: Strategy,
+                     rows: list[list[float]], seconds: list[float]) -> None:
+    """checkpoints/exp-XXX: model and strategy tensors (safetensors), loop and strategy state (JSON)."""
+    if out is None:
+        return
+    root = out / "checkpoints"
+    folder = root / f"exp-{index:03d}"
+    tmp = root / f".tmp-exp-{index:03d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
+    tensors = {k: v.clone() for k, v in strategy.state_tensors().items()}
+    tensors["__torch_rng"] = torch.get_rng_state()
+    save_safetensors(tmp / "strategy.safetensors", tensors)
+    write_json(tmp / "state.json", {"finished": index + 1, "accuracy_matrix": rows, "experience_seconds": seconds,
+                                    "strategy": strategy.state_meta()})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    write_text(root / "LATEST", folder.name + "\n")
+    for old in root.glob("exp-*"):
+        if old.name != folder.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[int, list[list[float]], list[float]]:
+    latest = out / "checkpoints" / "LATEST"
+    if not latest.exists():
+        return 0, [], []
+    folder = out / "checkpoints" / latest.read_text().strip()
+    state = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "strategy.safetensors"))
+    rng = tensors.pop("__torch_rng")
+    strategy.load_state(tensors, state["strategy"], model)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    torch.set_rng_state(rng)
+    return int(state["finished"]), state["accuracy_matrix"], state["experience_seconds"]
+
+
+def run(scenario: str | Scenario, strategy: str = "finetune", *, epochs: int | None = None, seed: int = 0,
+        out: str | os.PathLike[str] | None = None, arch: str = "shared-bottom", **options: Any) -> ContinualResult:
+    """One call: ``polytask.continual.run("split-digits", "replay", epochs=2)`` or a :class:`Scenario`.
+
+    ``options`` may hold TrainConfig fields (``lr``, ``batch_size``, ...) and ``scenario_options``,
+    ``strategy_options``, ``arch_options``, ``backbone``, ``backbone_options``.
+    """
+    keys = {"scenario_options", "strategy_options", "arch_options", "backbone", "backbone_options"}
+    run_opts = {k: options.pop(k) for k in list(options) if k in keys}
+    train = dict(options)
+    if epochs is not None:
+        train["epochs"] = epochs
+    name = scenario.name if isinstance(scenario, Scenario) else scenario
+    cfg = ContinualConfig(scenario=name, strategy=strategy, arch=arch, seed=seed, train=train, **run_opts)
+    return run_continual(cfg, out, scenario=scenario if isinstance(scenario, Scenario) else None)

@@ -1,0 +1,141 @@
+"""Learning to Prompt (Wang et al., CVPR 2022, "Learning to Prompt for Continual Learning").
+
+A frozen pretrained backbone f, a pool of M prompts P_i ∈ R^{L_p × d} with learnable keys k_i,
+and a trainable head. For an input x:
+
+1. query q(x) = f(x): the frozen backbone's feature (MiniLM: its mean-pooled sentence vector);
+2. select the N keys closest to q by cosine similarity γ (Eq. 3, top-N);
+3. prepend the selected prompts to the token embeddings, run the frozen encoder, and feed the
+   mean of the outputs at the prompt positions to the head (the paper's prompt-token readout);
+4. train with the surrogate loss of Eq. 5,
+       L = CE(head(·), y) + λ Σ_{selected i} (1 − cos(q(x), k_i)),   λ = ``pull`` (0.1 in the
+   authors' code), exposed to the Trainer as the model's ``aux_loss``.
+
+Only prompts, keys and head are trained: the backbone's weights stay bit for bit the same.
+Class-incremental training masks the logits of classes outside the current experience (the
+authors' ``train_mask``). Defaults M = 10, N = 5, L_p = 5 as in the paper.
+
+Adaptation for backbones without token embeddings (dense, image or cached-feature inputs,
+where nothing can be prepended): the selected prompts are averaged to one d-vector and
+added to the frozen feature, h = f(x) + mean(P_selected), so a prompt acts as a learned,
+key-selected shift of the representation. With a randomly initialised backbone (e.g. the
+MLP on MNIST) f is not pretrained, so that setting tests the mechanism, not the method.
+Prompt-frequency diversification (the paper's optional Eq. 6 penalty) is not implemented.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polytask.continual._base import Strategy
+from polytask.errors import PolytaskError
+from polytask.registry import STRATEGIES
+from polytask.tasks import Inputs, Task
+from polytask.trainer import Trainer
+
+
+class PromptPool(nn.Module):
+    """Frozen backbone + prompt pool with keys + one linear head per task."""
+
+    def __init__(self, backbone: nn.Module, tasks: Sequence[Task], *, pool_size: int = 10, top_n: int = 5,
+                 prompt_length: int = 5, pull: float = 0.1) -> None:
+        super().__init__()
+        if not 1 <= top_n <= pool_size or prompt_length < 1:
+            raise PolytaskError(f"l2p needs 1 <= top_n <= pool_size and prompt_length >= 1, got "
+                                f"top_n={top_n}, pool_size={pool_size}, prompt_length={prompt_length}")
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        net = getattr(backbone, "net", None)
+        self.token_mode = net is not None and hasattr(net, "get_input_embeddings")
+        d = int(backbone.out_dim)
+        d_prompt = int(net.get_input_embeddings().embedding_dim) if self.token_mode else d
+        self.top_n, self.pull = top_n, float(pull)
+        self.keys = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
+        self.prompts = nn.Parameter(torch.empty(pool_size, prompt_length, d_prompt).uniform_(-1, 1))
+        self.heads = nn.ModuleDict({t.name: nn.Linear(d_prompt if self.token_mode else d, t.out_dim) for t in tasks})
+        self.train_classes: dict[str, list[int]] = {}
+        self.aux_loss: Tensor | None = None
+        self.last_selection: Tensor | None = None
+
+    def train(self, mode: bool = True) -> PromptPool:
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, no statistics updates
+        return self
+
+    def query(self, x: Inputs) -> Tensor:
+        with torch.no_grad():
+            return self.backbone(x)
+
+    def _prompted(self, x: Inputs, prompts: Tensor) -> Tensor:
+        """Prepend ``prompts`` [B, N·L_p, d] to the token embeddings; mean output at the prompt positions."""
+        assert isinstance(x, dict)
+        net = self.backbone.net
+        mask = x["attention_mask"]
+        length = max(int(mask.sum(1).max()), 1)
+        ids, mask = x["input_ids"][:, :length], mask[:, :length]
+        emb = net.get_input_embeddings()(ids)
+        n = prompts.shape[1]
+        full_mask = torch.cat([torch.ones(len(ids), n, dtype=mask.dtype), mask], 1)
+        hidden = net(inputs_embeds=torch.cat([prompts.to(emb.dtype), emb], 1), attention_mask=full_mask).last_hidden_state
+        return hidden[:, :n].mean(1)
+
+    def forward(self, x: Inputs) -> dict[str, Tensor]:
+        q = self.query(x)
+        sim = F.cosine_similarity(q[:, None, :], self.keys[None], dim=-1)  # [B, M]
+        top = sim.detach().topk(self.top_n, dim=1).indices  # [B, N]
+        self.last_selection = top
+        self.aux_loss = self.pull * (1 - sim.gather(1, top)).sum(1).mean() if self.training else None
+        chosen = self.prompts[top]  # [B, N, L_p, d]
+        if self.token_mode:
+            h = self._prompted(x, chosen.flatten(1, 2))
+        else:
+            h = q + chosen.mean((1, 2))
+        out = {}
+        for name, head in self.heads.items():
+            logits = head(h)
+            cols = self.train_classes.get(name)
+            if self.training and cols:
+                keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                keep[cols] = True
+                logits = logits.masked_fill(~keep, float("-inf"))
+            out[name] = logits
+        return out
+
+
+@STRATEGIES.register("l2p")
+class L2P(Strategy):
+    """Learning to Prompt: a key-selected prompt pool on a frozen backbone; trains prompts, keys, head (Wang et al. 2022)."""
+
+    def __init__(self, *, pool_size: int = 10, top_n: int = 5, prompt_length: int = 5, pull: float = 0.1,
+                 train_mask: bool = True) -> None:
+        super().__init__()
+        self.options = {"pool_size": pool_size, "top_n": top_n, "prompt_length": prompt_length, "pull": pull}
+        self.train_mask = train_mask
+        self.model: PromptPool | None = None
+
+    def build_model(self, default: Callable[[], nn.Module]) -> nn.Module:
+        assert self.scenario is not None
+        base = default()
+        backbone = getattr(base, "backbone", None)
+        if backbone is None or not hasattr(backbone, "out_dim"):
+            raise PolytaskError("l2p needs an architecture with a .backbone (e.g. shared-bottom)")
+        self.model = PromptPool(backbone, self.scenario.tasks, **self.options)
+        return self.model
+
+    def before_fit(self, trainer: Trainer) -> None:
+        assert self.scenario is not None and self.model is not None
+        exp = self.scenario[self.current]
+        task_free = self.scenario.task_free
+        if self.train_mask and not task_free and self.scenario.kind == "class-incremental" and exp.classes:
+            self.model.train_classes = {name: list(exp.classes) for name in exp.tasks}
+        else:
+            self.model.train_classes = {}
+
+    def after_fit(self, trainer: Trainer) -> None:
+        assert self.model is not None
+        self.model.train_classes = {}

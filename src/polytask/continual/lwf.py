@@ -1,0 +1,102 @@
+"""Learning without Forgetting (Li & Hoiem, TPAMI 2017 / ECCV 2016).
+
+Before training on a new experience the current network is frozen as the "old" model. For
+each new batch its outputs ŷ_o on the old tasks are the targets of a distillation term
+(Eq. 2 of the paper, knowledge distillation with temperature T = 2):
+
+    L = L_new(y_n, ŷ_n) + λ_o · L_old(y_o, ŷ_o),
+    L_old = −Σ_i y'_o^{(i)} log ŷ'_o^{(i)},   y'_o = softmax(y_o / T),  ŷ'_o = softmax(ŷ_o / T).
+
+Old tasks are the tasks of finished experiences. In a class-incremental scenario (one head
+over all classes) the distillation covers only the output units of the classes seen so far
+(the "active units" of van de Ven & Tolias 2019). Binary and multi-label heads distil the
+tempered sigmoids (binary cross-entropy), regression heads the outputs themselves (MSE).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polytask.continual._base import Strategy
+from polytask.errors import PolytaskError
+from polytask.registry import STRATEGIES
+from polytask.tasks import Batch, Task
+from polytask.trainer import Trainer
+
+
+def distillation(task: Task, new: Tensor, old: Tensor, temperature: float) -> Tensor:
+    """Mean over the batch of the tempered cross-entropy between old and new outputs."""
+    if task.kind == "multiclass":
+        target = (old / temperature).softmax(-1)
+        return -(target * F.log_softmax(new / temperature, -1)).sum(-1).mean()
+    if task.kind in ("binary", "multilabel"):
+        return F.binary_cross_entropy_with_logits(new / temperature, torch.sigmoid(old / temperature))
+    return F.mse_loss(new, old)
+
+
+@STRATEGIES.register("lwf")
+class LwF(Strategy):
+    """Learning without Forgetting: distil the frozen previous model's outputs, T = 2 (Li & Hoiem 2017)."""
+
+    needs_boundaries = True
+
+    def __init__(self, *, alpha: float = 1.0, temperature: float = 2.0) -> None:
+        super().__init__()
+        if alpha < 0 or temperature <= 0:
+            raise PolytaskError(f"lwf needs alpha >= 0 and temperature > 0, got {alpha}, {temperature}")
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.old: nn.Module | None = None
+        self.units: dict[str, list[int]] = {}
+
+    def targets(self, x: Any) -> dict[str, Tensor]:
+        """The frozen previous model's outputs (the distillation targets)."""
+        assert self.old is not None
+        with torch.no_grad():
+            return self.old(x)
+
+    def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
+        if self.old is None:
+            return None
+        old = self.targets(batch.x)
+        total = torch.zeros(())
+        for t in self.seen_tasks():
+            cols = self.units.get(t.name)
+            new_t, old_t = outputs[t.name], old[t.name]
+            if cols:
+                new_t, old_t = new_t[:, cols], old_t[:, cols]
+            total = total + distillation(t, new_t, old_t, self.temperature)
+        return self.alpha * total
+
+    def after_fit(self, trainer: Trainer) -> None:
+        assert self.scenario is not None
+        exp = self.scenario[self.current]
+        if self.scenario.kind == "class-incremental" and exp.classes:
+            for name in exp.tasks:
+                self.units[name] = sorted(set(self.units.get(name, [])) | set(exp.classes))
+        self.old = self._freeze(trainer.model)
+
+    @staticmethod
+    def _freeze(model: nn.Module) -> nn.Module:
+        old = copy.deepcopy(model)
+        old.eval()
+        for p in old.parameters():
+            p.requires_grad_(False)
+        return old
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {f"old/{k}": v for k, v in self.old.state_dict().items()} if self.old is not None else {}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "units": self.units, "has_old": self.old is not None}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any], model: nn.Module) -> None:
+        super().load_state(tensors, meta, model)
+        self.units = {k: list(v) for k, v in meta["units"].items()}
+        if meta["has_old"]:
+            self.old = self._freeze(model)
+            self.old.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("old/")})

@@ -1,0 +1,36 @@
+"""Online EWC (Schwarz et al., ICML 2018, "Progress & Compress", Sec. 3 / Eq. 8; the same
+online form as Huszár 2018's correction of EWC).
+
+One running Fisher and one anchor instead of one penalty per experience:
+
+    F̃_t = γ F̃_{t−1} + F_t,      L(θ) = L_t(θ) + λ/2 Σ_i F̃_{t−1,i} (θ_i − θ*_{t−1,i})²
+
+with γ ≤ 1 down-weighting older experiences and θ*_{t−1} the weights after the last one.
+F_t is estimated as in :mod:`polytask.continual.ewc`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from polytask.continual.ewc import EWC
+from polytask.errors import PolytaskError
+from polytask.registry import STRATEGIES
+
+
+@STRATEGIES.register("online-ewc")
+class OnlineEWC(EWC):
+    """Online EWC: one running Fisher decayed by γ and one anchor (Schwarz et al. 2018)."""
+
+    def __init__(self, *, lam: float = 1000.0, gamma: float = 1.0, fisher_samples: int = 1000,
+                 fisher: str = "true") -> None:
+        super().__init__(lam=lam, fisher_samples=fisher_samples, fisher=fisher)
+        if not 0.0 <= gamma <= 1.0:
+            raise PolytaskError(f"gamma must lie in [0, 1], got {gamma}")
+        self.gamma = float(gamma)
+
+    def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        if self.anchors:
+            old, _ = self.anchors[0]
+            fisher = {k: self.gamma * old[k] + v for k, v in fisher.items()}
+        self.anchors = [(fisher, anchor)]
