@@ -18,6 +18,7 @@ from polytask.trainer import TrainConfig
 JOINT_SUITES: list[tuple[str, dict[str, Any], int]] = [
     ("synthetic-mmoe", {"correlation": 0.5, "num_samples": 4000}, 12),
     ("digits-multi", {}, 25),
+    ("penguins", {}, 60),
 ]
 JOINT_METHODS = [("shared-bottom", "ew"), ("mmoe", "ew"), ("mmoe", "uw"), ("ple", "ew"),
                  ("mmoe", "pcgrad"), ("mmoe", "nash-mtl"), ("home", "famo")]
@@ -85,7 +86,14 @@ def run_tour(out: Path, quick: bool = False, console: Console | None = None) -> 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    console.rule("polytask tour — joint multi-task training")
-    results = {"joint": joint_section(out, quick, console)}
+    from polytask.continual._tour import tour_section as continual_section
+    from polytask.merging._tour import tour_section as merge_section
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    for key, title, section in (("joint", "joint multi-task training", joint_section),
+                                ("continual", "continual learning, one task after another", continual_section),
+                                ("merge", "merging separately fine-tuned models", merge_section)):
+        console.rule(f"polytask tour — {title}")
+        results[key] = section(out, quick, console)
     write_json(out / "tour_results.json", results)
     console.print(f"tour finished in {time.perf_counter() - start:.0f} s; tables and plots in {out}/")
