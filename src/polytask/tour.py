@@ -22,6 +22,9 @@ JOINT_SUITES: list[tuple[str, dict[str, Any], int]] = [
 ]
 JOINT_METHODS = [("shared-bottom", "ew"), ("mmoe", "ew"), ("mmoe", "uw"), ("ple", "ew"),
                  ("mmoe", "pcgrad"), ("mmoe", "nash-mtl"), ("home", "famo")]
+# same widths for every architecture: experts as wide as the shared bottom (64), towers 32
+WIDTHS: dict[str, dict[str, Any]] = {"shared-bottom": {"bottom": [64], "tower": [32]}}
+EXPERT_WIDTHS = {"expert": [64], "tower": [32]}
 
 
 def joint_section(out: Path, quick: bool, console: Console) -> list[dict[str, Any]]:
@@ -33,6 +36,7 @@ def joint_section(out: Path, quick: bool, console: Console) -> list[dict[str, An
     for suite, suite_options, epochs in suites:
         for arch, weighting in methods:
             cfg = RunConfig(suite=suite, arch=arch, weighting=weighting, suite_options=suite_options,
+                            arch_options=WIDTHS.get(arch, EXPERT_WIDTHS),
                             train=TrainConfig(epochs=2 if quick else epochs, batch_size=128, lr=3e-3,
                                               num_threads=1, progress=False))
             start = time.perf_counter()
