@@ -19,7 +19,7 @@ import polytask.models.arch  # noqa: F401
 import polytask.weighting  # noqa: F401
 from polytask.config import RunConfig
 from polytask.errors import PolytaskError
-from polytask.io import cache_dir, save_safetensors, write_json, write_yaml
+from polytask.io import cache_dir, prepare_run_dir, save_safetensors, write_json, write_yaml
 from polytask.metrics import Results, delta_m
 from polytask.registry import ARCHITECTURES, SUITES
 from polytask.tasks import TaskSuite
@@ -47,25 +47,13 @@ def build_model(config: RunConfig, suite: TaskSuite) -> nn.Module:
                                 backbone_options=config.backbone_options, **config.arch_options)
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise PolytaskError(f"{str(out)!r} holds no run to resume; start it with --out {out}")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass --resume to continue it)"
-            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-
-
 def run(config: RunConfig, out: str | os.PathLike[str] | None = None, resume: bool = False,
         overwrite: bool = False) -> RunResult:
     """Train ``config`` and evaluate on the test split; write model, config and metrics to ``out``."""
     out_path = Path(out) if out is not None else None
     created = False
     if out_path is not None:
-        _prepare_out(out_path, resume, overwrite)
+        prepare_run_dir(out_path, resume, overwrite)
         created = not out_path.exists()
         if resume:
             config = RunConfig.from_yaml(out_path / "config.yaml")

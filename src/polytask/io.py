@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,21 @@ from typing import Any, Iterator
 import torch
 import yaml
 from safetensors.torch import save_file
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, kind: str = "run") -> None:
+    """Check a run directory before a run: resuming needs one, a fresh run must not clobber one."""
+    from polytask.errors import PolytaskError
+
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise PolytaskError(f"{str(out)!r} holds no {kind} to resume; start it with --out {out}")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass --resume to continue it)"
+            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
 
 
 def cache_dir() -> Path:

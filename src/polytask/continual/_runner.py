@@ -28,7 +28,7 @@ from polytask.continual._base import Strategy
 from polytask.continual._metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
 from polytask.continual._scenario import Scenario
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors, write_json, write_text, write_yaml
+from polytask.io import prepare_run_dir, save_safetensors, write_json, write_text, write_yaml
 from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES
 from polytask.tasks import Batch
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
@@ -128,18 +128,6 @@ def _load_components(config: ContinualConfig, scenario: Scenario | None) -> tupl
     return scenario, strategy
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise PolytaskError(f"{str(out)!r} holds no continual run to resume; start it with --out {out}")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass --resume to continue it)"
-            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
-
-
 def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = None, *, resume: bool = False,
                   overwrite: bool = False, scenario: Scenario | None = None) -> ContinualResult:
     """Train ``config.strategy`` through the scenario; write metrics, matrix, plots and checkpoints to ``out``.
@@ -149,7 +137,7 @@ def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = 
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         if resume:
-            _prepare_out(out_path, True, False)
+            prepare_run_dir(out_path, True, False, "continual run")
             from polytask.config import read_yaml
 
             config = ContinualConfig.from_dict(read_yaml(out_path / "config.yaml"))
@@ -157,7 +145,7 @@ def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = 
     train_cfg = resolve_train(config, scen)
     created = False
     if out_path is not None and not resume:
-        _prepare_out(out_path, False, overwrite)
+        prepare_run_dir(out_path, False, overwrite, "continual run")
         created = not out_path.exists()
         out_path.mkdir(parents=True, exist_ok=True)
         write_yaml(out_path / "config.yaml", config.to_dict())
