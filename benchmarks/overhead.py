@@ -17,7 +17,6 @@ import torch
 
 from _common import markdown_table, setup, timed, write_results
 from polytask import ARCHITECTURES, SUITES, TrainConfig, Trainer
-from polytask.metrics import masked_task_losses
 from polytask.trainer import seed_everything
 
 

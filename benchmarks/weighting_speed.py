@@ -2,10 +2,14 @@
 
 Same MMoE (8 experts, 4 regression tasks, dense input), same batches, SGD, one thread:
 a bare PyTorch loop (sum of losses, backward, step), ``ew``, and every weighting (both
-gradient sources where a method has both). Gradient methods run twice more: with
-polytask's batched per-task gradients (one batched vector-Jacobian product) and with
-``task_chunk=1``, i.e. T separate backward passes over the shared part as LibMTL computes
-them (LibMTL's loop does a little more: full backward per task plus a copy).
+gradient sources where a method has both). Gradient methods run three ways:
+
+- ``polytask``: the default ``GradContext`` (on CPU one ``autograd.grad`` pass per task over
+  shared and task-specific parameters, so no further backward pass is needed);
+- ``batched``: one batched vector-Jacobian product for all T tasks (``is_grads_batched``);
+- ``libmtl``: LibMTL's recipe re-created here: per task ``loss.backward(retain_graph=True)``,
+  copy every shared parameter's ``.grad`` into a row of G and zero it (task-specific
+  gradients accumulate), then write the combined gradient back parameter by parameter.
 
 Time: interleaved repeats (every configuration once per round), median of the rounds.
 Memory: each configuration runs alone in a fresh subprocess; we report the peak resident
@@ -42,6 +46,40 @@ ONE_MODE = {"graddrop": "rep", "db-mtl": "params"}
 OPTIONS = {"stch": {"warmup_epochs": 0}}   # time the scalarization, not its warm-up
 
 
+class LibMTLContext(GradContext):
+    """LibMTL's per-task gradient loop (``_compute_grad(mode='backward')`` + ``_reset_grad``)."""
+
+    def task_grads(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.mode == "rep":
+            return super().task_grads(losses)
+        rows = []
+        for i in range(losses.shape[0]):
+            losses[i].backward(retain_graph=True)
+            row = torch.zeros(sum(p.numel() for p in self.shared))
+            offset = 0
+            for p in self.shared:
+                n = p.numel()
+                if p.grad is not None:
+                    row[offset:offset + n].copy_(p.grad.reshape(-1))
+                    p.grad.zero_()
+                offset += n
+            rows.append(row)
+        self.grads = torch.stack(rows)
+        return self.grads
+
+    def apply(self, losses: torch.Tensor, weights: torch.Tensor | None = None,
+              shared_grad: torch.Tensor | None = None) -> None:
+        if self.mode == "rep":
+            return super().apply(losses, weights, shared_grad)
+        w = torch.ones_like(losses) if weights is None else weights.detach()
+        g = w @ self.grads if shared_grad is None else shared_grad
+        offset = 0
+        for p in self.shared:
+            n = p.numel()
+            p.grad = g[offset:offset + n].reshape(p.shape).clone()
+            offset += n
+
+
 def configs() -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"name": "torch"}] + [{"name": n} for n in LOSS_ONLY]
     for name in WEIGHTINGS.names():
@@ -49,15 +87,16 @@ def configs() -> list[dict[str, Any]]:
             continue
         modes = [ONE_MODE[name]] if name in ONE_MODE else ["params", "rep"]
         for mode in modes:
-            for chunk in (None, 1):
-                out.append({"name": name, "mode": mode, "task_chunk": chunk})
+            for path in ("polytask", "batched", "libmtl"):
+                out.append({"name": name, "mode": mode, "path": path})
     return out
 
 
 def label(cfg: dict[str, Any]) -> str:
     if "mode" not in cfg:
         return cfg["name"]
-    return f"{cfg['name']}[{cfg['mode']}{', T passes' if cfg['task_chunk'] == 1 else ''}]"
+    path = cfg["path"]
+    return f"{cfg['name']}[{cfg['mode']}{'' if path == 'polytask' else ', ' + path}]"
 
 
 def build(cfg: dict[str, Any]) -> Any:
@@ -87,14 +126,17 @@ def build(cfg: dict[str, Any]) -> Any:
     if "mode" in cfg and cfg["name"] not in ONE_MODE:
         options["mode"] = cfg["mode"]
     weighting = WEIGHTINGS.create(cfg["name"], [t.name for t in tasks], **options)
-    ctx = GradContext(model, weighting.mode, task_chunk=cfg.get("task_chunk")) if weighting.mode != "none" else None
+    ctx = None
+    if weighting.mode != "none":
+        ctx = (LibMTLContext(model, weighting.mode) if cfg["path"] == "libmtl" else
+               GradContext(model, weighting.mode, task_chunk=T if cfg["path"] == "batched" else None))
     model.rep_mode = weighting.mode == "rep"
     opt = torch.optim.SGD(list(model.parameters()) + list(weighting.parameters()), lr=1e-3)
 
     def step(batch: Batch) -> None:
         opt.zero_grad(set_to_none=True)
         if ctx is not None:
-            ctx.grads = None
+            ctx.reset()
         losses = masked_task_losses(tasks, model(batch.x), batch)
         weighting.backward(losses, ctx)
         opt.step()
@@ -142,9 +184,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     names = [r["config"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.28 * len(rows) + 1.5), sharey=True)
-    colors = ["tab:gray" if "T passes" in n else "tab:blue" for n in names]
+    colors = ["tab:gray" if "libmtl" in n else "tab:orange" if "batched" in n else "tab:blue" for n in names]
     axes[0].barh(names, [r["ms_per_step"] for r in rows], color=colors)
-    axes[0].set_xlabel("ms per step (median; grey = T separate backward passes)")
+    axes[0].set_xlabel("ms per step (median; blue = polytask, orange = batched VJP, grey = LibMTL's loop)")
     axes[1].barh(names, [r["peak_mib"] for r in rows], color=colors)
     axes[1].set_xlabel("peak RSS increase during steps (MiB)")
     axes[0].invert_yaxis()
@@ -181,24 +223,24 @@ def main() -> None:
         key = label(cfg)
         row = {"config": key, "ms_per_step": 1e3 * med[key], "vs_torch": med[key] / med["torch"],
                "vs_ew": med[key] / med["ew"], "peak_mib": measure_memory(cfg, args.steps)}
-        if cfg.get("task_chunk") is None and "mode" in cfg:
-            loop = med[label({**cfg, "task_chunk": 1})]
-            row["T_passes_over_batched"] = loop / med[key]
+        if cfg.get("path") == "polytask":
+            row["libmtl_over_polytask"] = med[label({**cfg, "path": "libmtl"})] / med[key]
+            row["batched_over_polytask"] = med[label({**cfg, "path": "batched"})] / med[key]
         rows.append(row)
     payload = {"env": env, "setup": {"tasks": T, "input_dim": DIM, "batch": BATCH, "experts": EXPERTS,
                                      "expert": [128, 64], "tower": [32], "optimizer": "SGD",
                                      "steps_per_round": args.steps, "rounds": args.repeats,
                                      "memory": "peak RSS (VmHWM) minus RSS before the first step, fresh subprocess"},
                "rows": rows}
-    md = [f"# Weighting speed\n",
+    md = ["# Weighting speed\n",
           f"MMoE ({EXPERTS} experts [128, 64], towers [32]) on dense input dim {DIM}, T={T} regression tasks, "
           f"batch {BATCH}, SGD; torch {env['torch']}, {env['threads']} thread, {env['cpus']} CPUs. "
           f"Median over {args.repeats} interleaved rounds of {args.steps} steps. "
           "`[params]`/`[rep]`: per-task gradients of the shared parameters / shared representation; "
-          "`T passes`: the same method with one backward pass per task (LibMTL's way) instead of one batched "
-          "vector-Jacobian product. `T_passes_over_batched` > 1 means the batched path is faster. "
+          "`, batched`: one batched vector-Jacobian product for all tasks; `, libmtl`: LibMTL's per-task "
+          "`.backward()` + copy loop. `libmtl_over_polytask` > 1 means polytask's default path is faster. "
           "peak_mib: peak RSS increase over the steps, each configuration alone in a fresh process.\n",
-          markdown_table(rows, ["config", "ms_per_step", "vs_torch", "vs_ew", "T_passes_over_batched", "peak_mib"]),
+          markdown_table(rows, ["config", "ms_per_step", "vs_torch", "vs_ew", "libmtl_over_polytask", "batched_over_polytask", "peak_mib"]),
           "\n![bars](weighting_speed.png)\n"]
     write_results("weighting_speed", payload, "\n".join(md))
     plot(rows, RESULTS / "weighting_speed.png")

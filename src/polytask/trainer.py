@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors, write_json, write_text
+from polytask.io import save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
 from polytask.registry import WEIGHTINGS
 from polytask.tasks import Batch, MultiTaskData, Task

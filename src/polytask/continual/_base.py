@@ -95,3 +95,19 @@ def batch_loss(model: nn.Module, tasks: list[Task], batch: Batch, outputs: dict[
         return torch.zeros(())
     outputs = outputs if outputs is not None else model(batch.x)
     return masked_task_losses(present, outputs, batch).sum()
+
+
+class BufferStrategy(Strategy):
+    """A strategy with a rehearsal buffer ``self.buffer``, checkpointed with the strategy state."""
+
+    buffer: Any
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return self.buffer.state_tensors("buffer/")
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**super().state_meta(), "buffer": self.buffer.state_meta()}
+
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any], model: nn.Module) -> None:
+        super().load_state(tensors, meta, model)
+        self.buffer.load(tensors, meta["buffer"], "buffer/")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual._base import Strategy, batch_loss
+from polytask.continual._base import BufferStrategy, batch_loss
 from polytask.continual._buffer import ReservoirBuffer, batch_tensors, rows_batch
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
@@ -27,7 +27,7 @@ from polytask.trainer import Trainer
 
 
 @STRATEGIES.register("der")
-class DERPlusPlus(Strategy):
+class DERPlusPlus(BufferStrategy):
     """DER++: replay stored logits (α·MSE) and labels (β·CE) from a reservoir memory (Buzzega et al. 2020)."""
 
     def __init__(self, *, memory: int = 500, alpha: float = 0.3, beta: float = 0.5, batch_size: int | None = None) -> None:
@@ -63,13 +63,3 @@ class DERPlusPlus(Strategy):
         logits = {f"z/{t.name}": outputs[t.name].detach() for t in self.all_tasks}
         self.buffer.add(batch.x, {**batch_tensors(batch, self.all_tasks), **logits})
         return loss
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return self.buffer.state_tensors("buffer/")
-
-    def state_meta(self) -> dict[str, Any]:
-        return {**super().state_meta(), "buffer": self.buffer.state_meta()}
-
-    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any], model: nn.Module) -> None:
-        super().load_state(tensors, meta, model)
-        self.buffer.load(tensors, meta["buffer"], "buffer/")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from polytask.continual._base import Strategy, batch_loss
+from polytask.continual._base import BufferStrategy, batch_loss
 from polytask.continual._buffer import ReservoirBuffer, batch_tensors, class_keys, rows_batch
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
@@ -26,7 +26,7 @@ from polytask.trainer import Trainer
 
 
 @STRATEGIES.register("replay")
-class Replay(Strategy):
+class Replay(BufferStrategy):
     """Experience replay from a reservoir-sampled memory, optionally class-balanced (Chaudhry et al. 2019)."""
 
     def __init__(self, *, memory: int = 500, batch_size: int | None = None, class_balanced: bool = False) -> None:
@@ -48,13 +48,3 @@ class Replay(Strategy):
         keys = class_keys(batch, [t.name for t in self.all_tasks]) if self.class_balanced else None
         self.buffer.add(batch.x, batch_tensors(batch, self.all_tasks), keys)
         return loss
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        return self.buffer.state_tensors("buffer/")
-
-    def state_meta(self) -> dict[str, Any]:
-        return {**super().state_meta(), "buffer": self.buffer.state_meta()}
-
-    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any], model: nn.Module) -> None:
-        super().load_state(tensors, meta, model)
-        self.buffer.load(tensors, meta["buffer"], "buffer/")

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import pickle
 import struct
 from dataclasses import dataclass

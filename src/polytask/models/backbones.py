@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.registry import BACKBONES
-from polytask.tasks import Inputs, InputSpec
+from polytask.tasks import InputSpec
 
 DEFAULT_BACKBONE = {"dense": "identity", "features": "identity", "image": "cnn", "recsys": "embedding",
                     "tokens": "minilm"}
