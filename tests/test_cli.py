@@ -112,3 +112,13 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert a["test"] == b["test"] and b["epochs_trained"] == 6
+
+
+@pytest.mark.parametrize("suite, options", [("penguins", []), ("wordnet", ["--suite-option", "subset=200"]),
+                                            ("multi-mnist", ["--suite-option", "subset=200"])])
+def test_train_runs_on_real_suites_with_default_architecture(tmp_path, suite, options):
+    pytest.importorskip("transformers")  # the data extra; CI installs it
+    out = tmp_path / suite
+    run_cli("train", "--suite", suite, *options, "--epochs", "1", "--baseline", "none", "--no-progress", "--out", str(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["arch"] == "shared-bottom" and len(metrics["test"]) >= 2
