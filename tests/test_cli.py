@@ -122,3 +122,11 @@ def test_train_runs_on_real_suites_with_default_architecture(tmp_path, suite, op
     run_cli("train", "--suite", suite, *options, "--epochs", "1", "--baseline", "none", "--no-progress", "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["arch"] == "shared-bottom" and len(metrics["test"]) >= 2
+
+
+def test_option_types_are_checked_before_anything_runs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "--suite", "synthetic-mmoe", "--suite-option", "correlation=abc", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "option 'correlation' must be float" in proc.stderr and not out.exists()
+    proc = run_cli("train", "--suite", "penguins", "--monitor", "species/auroc", "--out", str(out), check=False)
+    assert proc.returncode == 2 and "cannot monitor 'species/auroc'" in proc.stderr and not out.exists()

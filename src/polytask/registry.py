@@ -75,6 +75,31 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
         raise PolytaskError(
             f"{what} has no option {unknown[0]!r}; its options are: {', '.join(accepted) or '(none)'}"
         )
+    for key, value in options.items():
+        expected = _scalar_type(params[key].annotation)
+        if expected is not None and not _is_instance(value, expected):
+            raise PolytaskError(f"{what} option {key!r} must be {expected.__name__} (got {value!r}); "
+                                f"pass e.g. {key}={params[key].default!r}")
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """The plain scalar type of an annotation like ``float`` or ``'int | None'`` (else None)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    parts = [p.strip() for p in text.split("|") if p.strip() != "None"]
+    return _SCALARS.get(parts[0]) if len(parts) == 1 else None
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+    if value is None:
+        return True
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 SUITES: Registry[Any] = Registry("suite")

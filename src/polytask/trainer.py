@@ -138,6 +138,7 @@ class Trainer:
         self.ddp: nn.Module | None = None
         if self.distributed:
             self.ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        check_monitor(self.config.monitor, self.tasks)
         self.optimizer = self._make_optimizer()
         self.ctx = GradContext(model, self.weighting.mode) if self.weighting.mode != "none" else None
         self.epoch = 0
@@ -403,6 +404,13 @@ def monitor_value(results: Results, monitor: str, tasks: Sequence[Task]) -> floa
         raise PolytaskError(f"cannot monitor {monitor!r}; choose one of: {', '.join(valid)}")
     value = results[task][metric]
     return value if Task.higher_is_better(metric) else -value
+
+
+def check_monitor(monitor: str, tasks: Sequence[Task]) -> None:
+    """Reject a monitor that no evaluation will produce, before any training."""
+    valid = ["loss"] + [f"{t.name}/{m}" for t in tasks for m in (*t.metrics, "loss")]
+    if monitor not in valid:
+        raise PolytaskError(f"cannot monitor {monitor!r}; choose one of: {', '.join(valid)}")
 
 
 def flatten_results(results: Results) -> dict[str, float]:

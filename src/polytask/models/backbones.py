@@ -49,7 +49,8 @@ class SmallCNN(nn.Module):
     def __init__(self, spec: InputSpec, *, channels: Sequence[int] = (32, 64)) -> None:
         super().__init__()
         if spec.kind != "image":
-            raise PolytaskError(f"backbone 'cnn' takes image inputs, not {spec.kind}")
+            raise PolytaskError(f"backbone 'cnn' takes image inputs, not {spec.kind}; "
+                                "omit --backbone to use the default for this suite")
         c_in = spec.shape[0]
         blocks: list[nn.Module] = []
         for c in channels:
@@ -70,7 +71,8 @@ class RecsysEmbedding(nn.Module):
     def __init__(self, spec: InputSpec, *, embedding_dim: int = 16) -> None:
         super().__init__()
         if spec.kind != "recsys":
-            raise PolytaskError(f"backbone 'embedding' takes recsys inputs, not {spec.kind}")
+            raise PolytaskError(f"backbone 'embedding' takes recsys inputs, not {spec.kind}; "
+                                "omit --backbone to use the default for this suite")
         self.fields = nn.ModuleList(nn.Embedding(v, embedding_dim) for v in spec.field_vocab)
         self.items = nn.Embedding(max(spec.item_vocab, 1), embedding_dim, padding_idx=0)
         self.embedding_dim = embedding_dim
