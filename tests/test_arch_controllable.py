@@ -16,6 +16,7 @@ from polytask.tasks import InputSpec, Task
 from polytask.trainer import evaluate_model, seed_everything
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
+from arch_helpers import abc_losses
 
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
 DENSE = InputSpec("dense", dim=10)
@@ -27,10 +28,7 @@ def inputs(seed: int = 0):
 
 
 def losses(out):
-    g = torch.Generator().manual_seed(1)
-    y = {"a": torch.randint(0, 2, (B,), generator=g).float(), "b": torch.randint(0, 3, (B,), generator=g),
-         "c": torch.randn(B, generator=g)}
-    return {t.name: t.loss(out[t.name], y[t.name]).mean() for t in TASKS}
+    return abc_losses(TASKS, out, B)
 
 
 def build(**opts):

@@ -9,6 +9,7 @@ from polytask import ARCHITECTURES, SUITES, PolytaskError, TrainConfig, Trainer
 from polytask.tasks import InputSpec, Task
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
+from arch_helpers import abc_losses
 
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
 SPEC = InputSpec("recsys", field_vocab=(5, 7, 11), seq_names=("click", "like"), item_vocab=30, seq_len=6,
@@ -27,10 +28,7 @@ def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def losses(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    y = {"a": torch.randint(0, 2, (B,), generator=g).float(), "b": torch.randint(0, 3, (B,), generator=g),
-         "c": torch.randn(B, generator=g)}
-    return {t.name: t.loss(out[t.name], y[t.name]).mean() for t in TASKS}
+    return abc_losses(TASKS, out, B)
 
 
 def build(**opts):

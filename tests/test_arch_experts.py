@@ -14,6 +14,7 @@ from polytask.tasks import InputSpec, Task
 from polytask.trainer import seed_everything
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
+from arch_helpers import grads_of, names_of, nonzero
 
 ARCHS = ["cross-stitch", "cgc", "ple", "home"]
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
@@ -50,21 +51,6 @@ def build(name: str, spec: InputSpec = DENSE, tasks=TASKS, **opts):
         if isinstance(m, FeatureGate):
             nn.init.normal_(m.up.weight, std=0.5)
     return model
-
-
-def grads_of(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-
-
-def nonzero(g) -> bool:
-    return g is not None and bool(g.abs().sum() > 0)
-
-
-def names_of(model, params):
-    ids = {id(p) for p in params}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
 def test_registered():

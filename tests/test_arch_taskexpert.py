@@ -11,6 +11,7 @@ from polytask.tasks import InputSpec, Task
 from polytask.trainer import seed_everything
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
+from arch_helpers import grads_of, names_of, nonzero
 
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
 DENSE = InputSpec("dense", dim=10)
@@ -37,21 +38,6 @@ def losses(out):
 def build(spec: InputSpec = DENSE, **opts):
     torch.manual_seed(0)
     return ARCHITECTURES.create("taskexpert", TASKS, spec, **opts)
-
-
-def grads_of(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
-
-
-def nonzero(g) -> bool:
-    return g is not None and bool(g.abs().sum() > 0)
-
-
-def names_of(model, params):
-    ids = {id(p) for p in params}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
 @pytest.mark.parametrize("spec", [DENSE, RECSYS], ids=["dense", "recsys"])
