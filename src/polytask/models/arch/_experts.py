@@ -4,8 +4,6 @@
   (Linear + BatchNorm + Swish).
 - :class:`FeatureGate`: HoME's LoRA-style input privatisation ``2·sigmoid(W_up W_down x) ⊙ x``.
 - :func:`mix`: the gated sum ``sum_i w_i E_i`` of stacked expert outputs.
-- :func:`cut`: passes the tensors at the shared/task-specific cut through
-  ``Architecture.boundary`` as one flat tensor (rep mode) and hands back the pieces.
 - :class:`ExtractionNetwork`: the progressive layered extraction of PLE (Tang et al.,
   RecSys 2020); with one level it is CGC.
 
@@ -73,20 +71,6 @@ class FeatureGate(nn.Module):
 def mix(weights: Tensor, experts: Tensor) -> Tensor:
     """Gated sum: weights [B, K], stacked expert outputs [B, K, d] -> [B, d]."""
     return torch.einsum("bk,bkd->bd", weights, experts)
-
-
-def cut(model: Architecture, parts: Sequence[Tensor]) -> list[Tensor]:
-    """Mark ``parts`` (everything the task-specific side reads) as the shared representation.
-
-    Outside rep mode this returns ``parts`` unchanged. In rep mode they are flattened into
-    one [B, R] tensor that goes through ``model.boundary``, and the leaf is split back, so
-    task losses reach every shared parameter only through ``model.last_rep``.
-    """
-    if not model.rep_mode:
-        return list(parts)
-    flat = model.boundary(torch.cat([p.flatten(1) for p in parts], 1))
-    sizes = [p[0].numel() for p in parts]
-    return [piece.reshape(p.shape) for piece, p in zip(flat.split(sizes, 1), parts)]
 
 
 def stack_outputs(experts: nn.ModuleList, x: Tensor, names: Sequence[str],
@@ -174,10 +158,10 @@ class ExtractionNetwork(Architecture):
             shared = stack_outputs(level.shared, shared_in, [f"{prefix}shared/{i}" for i in range(len(level.shared))], acts)
             if last:
                 if n == 1:
-                    h_cut, shared = cut(self, [h, shared])
+                    h_cut, shared = self.cut([h, shared])
                     task_in = {t: h_cut for t in self.task_names}
                 else:
-                    stacked, shared = cut(self, [torch.stack([task_in[t] for t in self.task_names], 1), shared])
+                    stacked, shared = self.cut([torch.stack([task_in[t] for t in self.task_names], 1), shared])
                     task_in = {t: stacked[:, i] for i, t in enumerate(self.task_names)}
             own = {t: stack_outputs(level.task[t], task_in[t], [f"{prefix}{t}/{i}" for i in range(len(level.task[t]))], acts)
                    for t in self.task_names}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from polytask.models.backbones import build_backbone
@@ -65,6 +66,19 @@ class Architecture(nn.Module):
         self.last_rep = rep
         self.rep_leaf = rep.detach().requires_grad_(True)
         return self.rep_leaf
+
+    def cut(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Mark ``parts`` (everything the task-specific side reads) as the shared representation.
+
+        Outside rep mode this returns ``parts`` unchanged (no copy). In rep mode they are
+        flattened into one [B, R] tensor that goes through :meth:`boundary`, and the leaf is
+        split back, so task losses reach every shared parameter only through ``last_rep``.
+        """
+        if not self.rep_mode:
+            return list(parts)
+        flat = self.boundary(torch.cat([p.flatten(1) for p in parts], 1))
+        sizes = [p[0].numel() for p in parts]
+        return [piece.reshape(p.shape) for piece, p in zip(flat.split(sizes, 1), parts)]
 
     def forward(self, x: Inputs) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

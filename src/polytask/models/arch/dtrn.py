@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.models.arch._experts import cut, mix
+from polytask.models.arch._experts import mix
 from polytask.models.arch.base import Architecture
 from polytask.models.backbones import mlp
 from polytask.registry import ARCHITECTURES
@@ -159,7 +159,7 @@ class DTRN(Architecture):
         fields = self.backbone.field_embeddings(x)
         seqs = self.backbone.sequence_embeddings(x)
         parts = [fields, seqs] + ([self.dense_proj(x["dense"])[:, None]] if self.dense_proj is not None else [])
-        parts = cut(self, parts)
+        parts = self.cut(parts)
         fields, seqs, extra = parts[0], parts[1], parts[2:]
         interest = self.interests(seqs, x["seqs"] > 0)
         reps: dict[str, Tensor] = {}

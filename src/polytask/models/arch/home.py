@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.models.arch._experts import FeatureGate, cut, expert_net, mix, stack_outputs
+from polytask.models.arch._experts import FeatureGate, expert_net, mix, stack_outputs
 from polytask.models.arch.base import Architecture
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
@@ -160,11 +160,11 @@ class HoME(Architecture):
             g2 = stack_outputs(self.global_experts, z_global, [f"global/{i}" for i in range(len(self.global_experts))], acts)
             c2 = [stack_outputs(ex, z[c], [f"group{c}/{i}" for i in range(len(ex))], acts)
                   for c, ex in enumerate(self.group_experts)]
-            z_all, shared = cut(self, [torch.stack(z, 1), torch.cat([g2, *c2], 1)])
+            z_all, shared = self.cut([torch.stack(z, 1), torch.cat([g2, *c2], 1)])
             task_in = {t: z_all[:, self.group_of[t]] for t in self.task_names}
         else:
             g = stack_outputs(self.global_experts, v, [f"global/{i}" for i in range(len(self.global_experts))], acts)
-            v_cut, shared = cut(self, [v, g])
+            v_cut, shared = self.cut([v, g])
             task_in = {t: v_cut for t in self.task_names}
         out: dict[str, Tensor] = {}
         for t in self.task_names:

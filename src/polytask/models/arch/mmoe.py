@@ -52,9 +52,7 @@ class MMoE(Architecture):
         outs = [e(h) for e in self.experts]
         self.last_expert_activations = {f"shared/{i}": o.detach() for i, o in enumerate(outs)}
         stacked = torch.stack(outs, 1)  # [B, K, d]
-        # the boundary holds all the task-specific side reads: gate inputs and expert outputs
-        rep = self.boundary(torch.cat([h, stacked.flatten(1)], 1))
-        h, experts = rep[:, :h.shape[1]], rep[:, h.shape[1]:].reshape(stacked.shape)
+        h, experts = self.cut([h, stacked])  # the task side reads gate inputs and expert outputs
         out: dict[str, Tensor] = {}
         for i, (name, head) in enumerate(self.heads.items()):
             g = self.gates[0 if self.one_gate else i](h).softmax(-1)  # [B, K]

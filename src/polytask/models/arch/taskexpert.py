@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.models.arch._experts import cut, mix, stack_outputs
+from polytask.models.arch._experts import mix, stack_outputs
 from polytask.models.arch.base import Architecture
 from polytask.models.backbones import mlp
 from polytask.registry import ARCHITECTURES
@@ -82,7 +82,7 @@ class TaskExpert(Architecture):
         stacks = [stack_outputs(self.experts[s], feats[s],
                                 [f"{'' if s == n - 1 else f'stage{s}/'}shared/{i}" for i in range(self.num_experts)], acts)
                   for s in range(n)]
-        parts = cut(self, feats + stacks)
+        parts = self.cut(feats + stacks)
         feats, stacks = parts[:n], parts[n:]
         out: dict[str, Tensor] = {}
         for t in self.task_names:
