@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from polytask.errors import PolytaskError
+from polytask.registry import check_fields
 from polytask.trainer import TrainConfig
 
 
@@ -35,10 +36,7 @@ class RunConfig:
     def from_dict(cls, d: Any, source: str = "the config") -> RunConfig:
         if not isinstance(d, dict):
             raise PolytaskError(f"{source} must be a mapping of fields (suite:, arch:, ...), not {type(d).__name__}")
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise PolytaskError(f"{source} has unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
+        check_fields(cls, d, source)
         if "suite" not in d:
             raise PolytaskError(f"{source} is missing the field 'suite'; add e.g. 'suite: digits-multi'")
         d = dict(d)

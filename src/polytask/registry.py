@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from dataclasses import dataclass
@@ -80,6 +81,14 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
         if expected is not None and not _is_instance(value, expected):
             raise PolytaskError(f"{what} option {key!r} must be {expected.__name__} (got {value!r}); "
                                 f"pass e.g. {key}={params[key].default!r}")
+
+
+def check_fields(cls: type, data: dict[str, Any], what: str) -> None:
+    """Raise a one-line error naming the first key of ``data`` that is not a field of dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise PolytaskError(f"{what}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
 
 
 _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}

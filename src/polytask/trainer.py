@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
-from polytask.registry import WEIGHTINGS
+from polytask.registry import WEIGHTINGS, check_fields
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.weighting._base import GradContext, Weighting
 
@@ -68,10 +68,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise PolytaskError(f"unknown training option {unknown[0]!r}; valid options: {', '.join(sorted(names))}")
+        check_fields(cls, d, "training options")
         return cls(**d)
 
 

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from polytask.continual._metrics import plot_heatmap, plot_over_time, summarize,
 from polytask.continual._scenario import Scenario
 from polytask.errors import PolytaskError
 from polytask.io import prepare_run_dir, save_safetensors, write_json, write_text, write_yaml
-from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES
+from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES, check_fields
 from polytask.tasks import Batch
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
 
@@ -55,10 +55,7 @@ class ContinualConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ContinualConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise PolytaskError(f"unknown continual config field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
+        check_fields(cls, d, "continual config")
         return cls(**d)
 
 
