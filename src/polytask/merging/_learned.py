@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from polytask.errors import PolytaskError
+from polytask.merging._base import Merger
 from polytask.merging._taskvector import ModelSource, is_mergeable, open_models
 
 #: ``forward(model, params, x, task_index) -> logits``
@@ -110,3 +111,29 @@ def learn_coefficients(stack: TaskVectorStack, model: nn.Module, batches: list[l
             history.append(float(loss.detach()))
     model.train(was_training)
     return coef.detach(), history
+
+
+class CoefficientMerger(Merger):
+    """Base of the mergers that learn task-vector coefficients on data (AdaMerging, aTLAS).
+
+    Keeps the optimisation settings and, after :meth:`fit`, the learned ``coefficients``
+    [T, blocks], the loss ``history`` and the parameter ``keys`` the blocks follow.
+    """
+
+    data_free = False
+
+    def __init__(self, *, init: float, steps: int, lr: float, seed: int) -> None:
+        self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)
+        self.coefficients: Tensor | None = None
+        self.history: list[float] = []
+        self.keys: list[str] = []
+
+    def fit(self, stack: TaskVectorStack, model: nn.Module, batches: list[list[Any]],
+            loss_fn: Callable[[Tensor, Any], Tensor], *, blocks: int, forward: Forward | None,
+            bounds: tuple[float, float] | None = None) -> dict[str, Tensor]:
+        """Learn the coefficients with :func:`learn_coefficients`; return the merged state dict."""
+        self.coefficients, self.history = learn_coefficients(
+            stack, model, batches, loss_fn, blocks=blocks, init=self.init, steps=self.steps, lr=self.lr,
+            seed=self.seed, forward=forward, bounds=bounds)
+        self.keys = stack.keys
+        return stack.state_dict(self.coefficients)

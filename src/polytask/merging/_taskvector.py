@@ -12,6 +12,8 @@ paper's algebra: addition (τ_1 + τ_2), scaling (λτ) and negation (−τ, for
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import os
 from pathlib import Path
@@ -42,21 +44,23 @@ def _fmt_dtype(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class Checkpoint:
+class Checkpoint(ABC):
     """One model's tensors by name; ``get`` reads a single tensor (treat it as read-only)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
 
+    @abstractmethod
     def keys(self) -> list[str]:
-        raise NotImplementedError
+        """Tensor names."""
 
+    @abstractmethod
     def meta(self, key: str) -> tuple[tuple[int, ...], Any]:
         """(shape, dtype) without reading the tensor."""
-        raise NotImplementedError
 
+    @abstractmethod
     def get(self, key: str) -> Tensor:
-        raise NotImplementedError
+        """One tensor."""
 
     def load(self) -> dict[str, Tensor]:
         """All tensors in memory."""

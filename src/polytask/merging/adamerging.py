@@ -15,27 +15,21 @@ from typing import Any, Iterable, Sequence
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
-from polytask.merging._learned import Forward, TaskVectorStack, as_batch_lists, entropy, learn_coefficients
+from polytask.merging._learned import CoefficientMerger, Forward, TaskVectorStack, as_batch_lists, entropy
 from polytask.merging._taskvector import ModelSource
 from polytask.registry import MERGERS
 
 
 @MERGERS.register("adamerging")
-class AdaMerging(Merger):
+class AdaMerging(CoefficientMerger):
     """AdaMerging (Yang et al., ICLR 2024): task- or layer-wise coefficients learned by test-time entropy minimisation."""
-
-    data_free = False
 
     def __init__(self, *, granularity: str = "layer", init: float = 0.3, steps: int = 500, lr: float = 1e-3,
                  seed: int = 0) -> None:
         if granularity not in ("task", "layer"):
             raise PolytaskError(f"granularity {granularity!r} is not task or layer; pass granularity=layer or granularity=task")
+        super().__init__(init=init, steps=steps, lr=lr, seed=seed)
         self.granularity = granularity
-        self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)
-        self.coefficients: Tensor | None = None
-        self.history: list[float] = []
-        self.keys: list[str] = []
 
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], *, model: nn.Module | None = None,
               data: Sequence[Iterable[Any]] | None = None, forward: Forward | None = None) -> dict[str, Tensor]:
@@ -46,8 +40,5 @@ class AdaMerging(Merger):
         stack = TaskVectorStack(base, finetuned, model)
         batches = as_batch_lists(data, stack.n_tasks)
         blocks = 1 if self.granularity == "task" else len(stack.keys)
-        self.coefficients, self.history = learn_coefficients(
-            stack, model, batches, lambda logits, _batch: entropy(logits), blocks=blocks, init=self.init,
-            steps=self.steps, lr=self.lr, seed=self.seed, forward=forward, bounds=(0.0, 1.0))
-        self.keys = stack.keys
-        return stack.state_dict(self.coefficients)
+        return self.fit(stack, model, batches, lambda logits, _batch: entropy(logits), blocks=blocks,
+                        forward=forward, bounds=(0.0, 1.0))

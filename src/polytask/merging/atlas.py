@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
-from polytask.merging._learned import Forward, TaskVectorStack, as_batch_lists, entropy, learn_coefficients
+from polytask.merging._learned import CoefficientMerger, Forward, TaskVectorStack, as_batch_lists, entropy
 from polytask.merging._taskvector import ModelSource
 from polytask.registry import MERGERS
 
@@ -31,16 +30,11 @@ def _few_shot_loss(logits: Tensor, batch: Any) -> Tensor:
 
 
 @MERGERS.register("atlas")
-class Atlas(Merger):
+class Atlas(CoefficientMerger):
     """aTLAS (Zhang et al., NeurIPS 2024): one learned coefficient per parameter block per task vector."""
 
-    data_free = False
-
     def __init__(self, *, init: float = 0.0, steps: int = 100, lr: float = 1e-2, seed: int = 0) -> None:
-        self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)
-        self.coefficients: Tensor | None = None
-        self.history: list[float] = []
-        self.keys: list[str] = []
+        super().__init__(init=init, steps=steps, lr=lr, seed=seed)
 
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], *, model: nn.Module | None = None,
               data: Sequence[Iterable[Any]] | None = None, forward: Forward | None = None) -> dict[str, Tensor]:
@@ -50,8 +44,4 @@ class Atlas(Merger):
                                 "(few-shot batches (x, y) or unlabeled x, one list per target task)")
         stack = TaskVectorStack(base, finetuned, model)
         batches = as_batch_lists(data)
-        self.coefficients, self.history = learn_coefficients(
-            stack, model, batches, _few_shot_loss, blocks=len(stack.keys), init=self.init, steps=self.steps,
-            lr=self.lr, seed=self.seed, forward=forward)
-        self.keys = stack.keys
-        return stack.state_dict(self.coefficients)
+        return self.fit(stack, model, batches, _few_shot_loss, blocks=len(stack.keys), forward=forward)

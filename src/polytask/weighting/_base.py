@@ -56,6 +56,7 @@ class GradContext:
         shared = getattr(model, "shared_parameters", None)
         params = [p for p in (shared() if shared else model.parameters()) if p.requires_grad]
         self.shared = params
+        self.shared_size = sum(p.numel() for p in params)
         ids = {id(p) for p in params}
         self.others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         self.grads: Tensor | None = None
@@ -105,8 +106,7 @@ class GradContext:
         if self.distributed and self.mode == "params":
             _all_reduce_mean(flat)
         if self.mode == "params":
-            d = sum(p.numel() for p in self.shared)
-            flat, self.other_grads = flat[:, :d], flat[:, d:]
+            flat, self.other_grads = flat[:, :self.shared_size], flat[:, self.shared_size:]
         self.grads = flat
         return flat
 
