@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,20 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
     if check and proc.returncode != 0:
         raise AssertionError(f"polytask {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def kill_at_first_checkpoint(args: list[str], out: Path, poll: float = 0.02) -> None:
+    """Start ``polytask *args --out out``, SIGKILL it once its first checkpoint exists, and
+    check it had not finished (so a resume has work left to do)."""
+    proc = subprocess.Popen([sys.executable, "-m", "polytask", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "LATEST"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
 
 
 @pytest.fixture

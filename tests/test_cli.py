@@ -1,15 +1,11 @@
 """The polytask command end to end, as a user runs it (fresh processes)."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import kill_at_first_checkpoint, run_cli
 
 TRAIN = ["train", "--suite", "synthetic-mmoe", "--arch", "mmoe", "--weighting", "uw", "--epochs", "2", "--seed", "0",
          "--suite-option", "num_samples=1000", "--no-progress"]
@@ -97,15 +93,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     full = tmp_path / "full"
     run_cli(*args, "--out", str(full))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "polytask", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "LATEST"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    kill_at_first_checkpoint(args, killed, poll=0.05)
     proc = run_cli("eval", str(killed), check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     run_cli("train", "--out", str(killed), "--resume", "--no-progress")
