@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from _common import RESULTS, markdown_table, setup, write_results
 import polytask.continual  # noqa: F401
-from polytask.continual._metrics import plot_over_time
-from polytask.continual._runner import ContinualConfig, build_default_model, run
+from polytask.continual.metrics import plot_over_time
+from polytask.continual.runner import ContinualConfig, build_default_model, run
 from polytask.io import atomic_path
 from polytask.registry import SCENARIOS, STRATEGIES
 from polytask.trainer import TrainConfig, Trainer, seed_everything

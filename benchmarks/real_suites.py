@@ -20,7 +20,7 @@ from typing import Any
 
 from _common import RESULTS, markdown_table, setup, write_results
 from polytask import RunConfig, TrainConfig, run
-from polytask.api import build_model, build_suite, single_task_baselines
+from polytask.joint.runner import build_model, build_suite, single_task_baselines
 
 # The model rows: label -> (architecture, weighting, architecture options).
 MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {

@@ -38,7 +38,7 @@ import polytask.weighting  # noqa: F401
 from polytask.metrics import masked_task_losses
 from polytask.registry import ARCHITECTURES, WEIGHTINGS
 from polytask.tasks import Batch, InputSpec, Task
-from polytask.weighting._base import GradContext
+from polytask.weighting.base import GradContext
 
 T, DIM, BATCH, EXPERTS, N_BATCHES = 4, 128, 256, 8, 4
 LOSS_ONLY = ["ew", "uw", "dwa", "rlw", "famo", "stch"]

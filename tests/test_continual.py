@@ -11,9 +11,9 @@ from torch import nn
 
 import polytask.continual  # noqa: F401  (registers scenarios and strategies)
 from polytask.continual._buffer import ReservoirBuffer
-from polytask.continual._metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
-from polytask.continual._runner import ContinualConfig, run, run_continual
-from polytask.continual._scenario import Scenario
+from polytask.continual.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer
+from polytask.continual.runner import ContinualConfig, run, run_continual
+from polytask.continual.scenario import Scenario
 from polytask.continual.agem import AGEM, project
 from polytask.continual.ewc import EWC, diagonal_fisher
 from polytask.continual.l2p import L2P, PromptPool
@@ -183,7 +183,7 @@ def test_agem_step_gradient_never_conflicts_with_the_memory_gradient():
 
         def after_backward(self, trainer, batch):
             params = [p for p in trainer.model.parameters()]
-            from polytask.continual._base import batch_loss
+            from polytask.continual.base import batch_loss
             from polytask.continual._buffer import rows_batch
             rows = {k: v for k, v in strategy.memory.items()}
             ref = torch.autograd.grad(batch_loss(trainer.model, scen.tasks, rows_batch(rows, scen.tasks)), params,
@@ -200,7 +200,7 @@ def test_agem_step_gradient_never_conflicts_with_the_memory_gradient():
 
 
 def polytask_model(scen):
-    from polytask.continual._runner import build_default_model
+    from polytask.continual.runner import build_default_model
 
     return build_default_model(ContinualConfig(scenario=scen.name), scen)
 

@@ -321,7 +321,7 @@ def test_selection_threshold_equals_kthvalue_and_leaves_a_permutation():
 def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) -> dict:
     """Whole-tensor TIES/DARE/Breadcrumbs as written in the papers: kthvalue thresholds, bool masks, a
     Bernoulli draw of the full tensor, sign election and disjoint mean summed from zeros."""
-    from polytask.merging._base import tensor_generator
+    from polytask.merging.base import tensor_generator
 
     def trim(d, drop_bottom, drop_top):
         n = d.numel()

@@ -15,7 +15,7 @@ from polytask.errors import PolytaskError
 from polytask.metrics import masked_task_losses
 from polytask.registry import ARCHITECTURES, WEIGHTINGS
 from polytask.tasks import Batch, InputSpec, Task
-from polytask.weighting._base import GradContext
+from polytask.weighting.base import GradContext
 from polytask.weighting.aligned_mtl import alignment_matrix
 from polytask.weighting.fairgrad import fairgrad_weights
 from polytask.weighting.graddrop import graddrop_gradient

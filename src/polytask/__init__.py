@@ -2,13 +2,12 @@
 model merging behind one vocabulary (Task, TaskSuite, Backbone, Architecture, Weighting,
 Strategy, Merger, Trainer)."""
 
-from polytask.api import RunResult, evaluate_run, load_run, run, train
-from polytask.config import RunConfig
+from polytask.joint import RunConfig, RunResult, evaluate_run, load_run, run, train
 from polytask.errors import PolytaskError
 from polytask.registry import ARCHITECTURES, BACKBONES, MERGERS, SCENARIOS, STRATEGIES, SUITES, WEIGHTINGS
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
 from polytask.trainer import Hook, TrainConfig, Trainer
-from polytask.weighting._base import Weighting
+from polytask.weighting import Weighting
 
 __version__ = "0.1.0"
 

@@ -107,8 +107,9 @@ def train(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Train one multi-task model and write it, its config and its test metrics to --out."""
-    from polytask.api import run
-    from polytask.config import RunConfig, read_yaml
+    from polytask.joint import run
+    from polytask.config import read_yaml
+    from polytask.joint import RunConfig
 
     if resume:
         cfg = RunConfig(suite="(from checkpoint)")
@@ -143,7 +144,7 @@ def train(
 def eval_cmd(run_dir: Path = typer.Argument(..., help="a run directory written by polytask train"),
              split: str = typer.Option("test", help="train, val or test")) -> None:
     """Re-evaluate a saved run and print its per-task metrics."""
-    from polytask.api import evaluate_run
+    from polytask.joint import evaluate_run
 
     print_results(evaluate_run(run_dir, split), f"{run_dir} ({split})")
 

@@ -1,60 +1,36 @@
-"""RunConfig: a plain dataclass describing one joint-route run, saved as config.yaml."""
+"""What every route's config shares: YAML reading with one-line errors and ``to_dict``/``from_yaml``.
+
+Each route has one config dataclass (``joint.RunConfig``, ``continual.ContinualConfig``,
+``merging.BenchConfig``) whose ``train`` is a :class:`~polytask.trainer.TrainConfig` holding the
+run's one ``seed``; each is saved as the run's ``config.yaml`` and read back by ``from_yaml``.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from polytask.errors import PolytaskError
-from polytask.registry import check_fields
-from polytask.trainer import TrainConfig
+
+C = TypeVar("C", bound="RouteConfig")
 
 
-@dataclass
-class RunConfig:
-    """Suite, architecture, weighting and backbone by name with their options, plus training."""
-
-    suite: str
-    arch: str = "shared-bottom"
-    weighting: str = "ew"
-    backbone: str = "auto"
-    suite_options: dict[str, Any] = field(default_factory=dict)
-    arch_options: dict[str, Any] = field(default_factory=dict)
-    weighting_options: dict[str, Any] = field(default_factory=dict)
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    baseline: str = "auto"
-    train: TrainConfig = field(default_factory=TrainConfig)
+class RouteConfig:
+    """Mixin for a route's config dataclass: ``from_dict`` (defined by the route) plus these two."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "the config") -> RunConfig:
-        if not isinstance(d, dict):
-            raise PolytaskError(f"{source} must be a mapping of fields (suite:, arch:, ...), not {type(d).__name__}")
-        check_fields(cls, d, source)
-        if "suite" not in d:
-            raise PolytaskError(f"{source} is missing the field 'suite'; add e.g. 'suite: digits-multi'")
-        d = dict(d)
-        for key in ("suite_options", "arch_options", "weighting_options", "backbone_options"):
-            if d.get(key) is None:
-                d[key] = {}
-            elif not isinstance(d[key], dict):
-                raise PolytaskError(f"{source}: {key} must be a mapping, e.g. {key}: {{name: value}}")
-        train = d.pop("train", None) or {}
-        if not isinstance(train, dict):
-            raise PolytaskError(f"{source}: train must be a mapping, e.g. train: {{epochs: 5}}")
-        try:
-            return cls(**d, train=TrainConfig.from_dict(train))
-        except TypeError as exc:
-            raise PolytaskError(f"{source} is invalid: {exc}") from exc
+    def from_dict(cls: type[C], d: Any, source: str = "the config") -> C:  # pragma: no cover - per route
+        raise NotImplementedError
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> RunConfig:
+    def from_yaml(cls: type[C], path: str | os.PathLike[str]) -> C:
         return cls.from_dict(read_yaml(path), source=f"config file {str(path)!r}")
 
 
@@ -72,3 +48,14 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PolytaskError(f"config file {str(p)!r} must be a mapping of fields (suite:, arch:, ...)")
     return data
+
+
+def option_maps(d: dict[str, Any], keys: tuple[str, ...], source: str) -> dict[str, Any]:
+    """``d`` with each of ``keys`` a mapping (None -> {}); a non-mapping is a one-line error."""
+    d = dict(d)
+    for key in keys:
+        if d.get(key) is None:
+            d[key] = {}
+        elif not isinstance(d[key], dict):
+            raise PolytaskError(f"{source}: {key} must be a mapping, e.g. {key}: {{name: value}}")
+    return d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
@@ -23,9 +24,15 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A name -> class/factory table for one family (suite, arch, weighting, ...)."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, package: str | None = None) -> None:
         self.family = family
+        self.package = package  # imported on first use: its modules register the family's entries
         self._entries: dict[str, Entry[T]] = {}
+
+    def _load(self) -> None:
+        if self.package is not None:
+            package, self.package = self.package, None
+            importlib.import_module(package)
 
     def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
         """Decorator: register ``obj`` under ``name``; the description defaults to the docstring's first line."""
@@ -40,6 +47,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        self._load()
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -55,12 +63,14 @@ class Registry(Generic[T]):
         return factory(*args, **options)
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._entries)
 
     def entries(self) -> list[Entry[T]]:
         return [self._entries[n] for n in self.names()]
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
 
@@ -111,13 +121,15 @@ def _is_instance(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-SUITES: Registry[Any] = Registry("suite")
-BACKBONES: Registry[Any] = Registry("backbone")
-ARCHITECTURES: Registry[Any] = Registry("architecture")
-WEIGHTINGS: Registry[Any] = Registry("weighting")
-STRATEGIES: Registry[Any] = Registry("strategy")
-SCENARIOS: Registry[Any] = Registry("scenario")
-MERGERS: Registry[Any] = Registry("merger")
+# Each registry imports its family's package the first time it is asked for a name, so every
+# registry is full after ``import polytask`` without importing every method up front.
+SUITES: Registry[Any] = Registry("suite", "polytask.data")
+BACKBONES: Registry[Any] = Registry("backbone", "polytask.models.backbones")
+ARCHITECTURES: Registry[Any] = Registry("architecture", "polytask.models.arch")
+WEIGHTINGS: Registry[Any] = Registry("weighting", "polytask.weighting")
+STRATEGIES: Registry[Any] = Registry("strategy", "polytask.continual")
+SCENARIOS: Registry[Any] = Registry("scenario", "polytask.continual")
+MERGERS: Registry[Any] = Registry("merger", "polytask.merging")
 
 FAMILIES: dict[str, Registry[Any]] = {
     "suite": SUITES,

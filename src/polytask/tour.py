@@ -9,8 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from polytask.api import run
-from polytask.config import RunConfig
+from polytask.joint import RunConfig, run
 from polytask.io import write_json
 from polytask.registry import ARCHITECTURES, WEIGHTINGS
 from polytask.trainer import TrainConfig

@@ -13,7 +13,6 @@ import copy
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +25,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from polytask.checkpoints import CheckpointDir
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
 from polytask.registry import WEIGHTINGS, check_fields
 from polytask.tasks import Batch, MultiTaskData, Task
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -158,6 +158,11 @@ class Trainer:
         if cfg.optimizer == "sgd":
             kwargs["momentum"] = 0.9
         return OPTIMIZERS[cfg.optimizer](params, **kwargs)
+
+    @property
+    def checkpoints(self) -> CheckpointDir:
+        assert self.out_dir is not None
+        return CheckpointDir(self.out_dir / "checkpoints", "epoch")
 
     @property
     def is_main(self) -> bool:
@@ -327,30 +332,19 @@ class Trainer:
         """Write checkpoint ``epoch-N`` (model + best model safetensors, trainer state), then point LATEST at it."""
         if self.out_dir is None or not self.is_main:
             return
-        root = self.out_dir / "checkpoints"
-        folder = root / f"epoch-{self.epoch:04d}"
-        tmp = root / f".tmp-epoch-{self.epoch:04d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_safetensors(tmp / "model.safetensors", self.model.state_dict())
-        if self.best_state is not None:
-            save_safetensors(tmp / "best.safetensors", self.best_state)
-        torch.save(self.state(), tmp / "trainer_state.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-        write_text(root / "LATEST", folder.name + "\n")
-        for old in root.glob("epoch-*"):
-            if old.name != folder.name:
-                shutil.rmtree(old, ignore_errors=True)
+        with self.checkpoints.write(self.epoch) as folder:
+            save_safetensors(folder / "model.safetensors", self.model.state_dict())
+            if self.best_state is not None:
+                save_safetensors(folder / "best.safetensors", self.best_state)
+            torch.save(self.state(), folder / "trainer_state.pt")
 
     def load_checkpoint(self) -> bool:
         """Restore the newest checkpoint in ``out_dir``; returns False if there is none."""
         if self.out_dir is None:
             raise PolytaskError("resume needs an output directory holding checkpoints")
-        latest = self.out_dir / "checkpoints" / "LATEST"
-        if not latest.exists():
+        folder = self.checkpoints.latest()
+        if folder is None:
             return False
-        folder = self.out_dir / "checkpoints" / latest.read_text().strip()
         self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
         if (folder / "best.safetensors").exists():
             self.best_state = load_file(str(folder / "best.safetensors"))

@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Learn a scenario's experiences one after another with a strategy; print the accuracy matrix and BWT/forgetting."""
         from polytask.cli import console, parse_options
-        from polytask.continual._runner import ContinualConfig, run_continual
+        from polytask.continual.runner import ContinualConfig, run_continual
         from polytask.errors import PolytaskError
 
         if resume:

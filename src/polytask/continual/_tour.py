@@ -9,8 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from polytask.continual._metrics import plot_heatmap, plot_over_time
-from polytask.continual._runner import run
+from polytask.continual.metrics import plot_heatmap, plot_over_time
+from polytask.continual.runner import run
 
 TOUR_STRATEGIES = ("finetune", "ewc", "replay")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual._base import Strategy, batch_loss, trainable
+from polytask.continual.base import Strategy, batch_loss, trainable
 from polytask.continual._buffer import batch_rows, rows_batch
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual._base import BufferStrategy, batch_loss
+from polytask.continual.base import BufferStrategy, batch_loss
 from polytask.continual._buffer import ReservoirBuffer, batch_tensors, rows_batch
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES

@@ -6,7 +6,7 @@ the loss of experience i is the plain task loss L_i(θ), starting from the weigh
 
 from __future__ import annotations
 
-from polytask.continual._base import Strategy
+from polytask.continual.base import Strategy
 from polytask.registry import STRATEGIES
 
 

@@ -9,7 +9,7 @@ all-at-once upper bound. The loss is Σ_t L_t over the union's tasks (equal weig
 
 from __future__ import annotations
 
-from polytask.continual._base import Strategy
+from polytask.continual.base import Strategy
 from polytask.registry import STRATEGIES
 from polytask.tasks import MultiTaskData, Task
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytask.continual._base import Strategy
+from polytask.continual.base import Strategy
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
 from polytask.tasks import Batch, Task

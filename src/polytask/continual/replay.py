@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from polytask.continual._base import BufferStrategy, batch_loss
+from polytask.continual.base import BufferStrategy, batch_loss
 from polytask.continual._buffer import ReservoirBuffer, batch_tensors, class_keys, rows_batch
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES

@@ -14,7 +14,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor
 
-from polytask.continual._scenario import Experience, Scenario, concat_data
+from polytask.continual.scenario import Experience, Scenario, concat_data
 from polytask.errors import PolytaskError
 from polytask.registry import SCENARIOS, SUITES
 from polytask.tasks import InputSpec, MultiTaskData, Task

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual._base import Strategy, trainable
+from polytask.continual.base import Strategy, trainable
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
 from polytask.tasks import Batch

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from polytask.continual._base import Strategy, batch_loss
+from polytask.continual.base import Strategy, batch_loss
 from polytask.continual._buffer import ReservoirBuffer
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES

@@ -5,8 +5,8 @@ Public helpers: :class:`Merger` (base class), :func:`merge_files` (streaming mer
 """
 
 from polytask._autoload import import_submodules
-from polytask.merging._base import Merger, merge_files
-from polytask.merging._taskvector import TaskVector, open_checkpoint
+from polytask.merging.base import Merger, merge_files
+from polytask.merging.taskvector import TaskVector, open_checkpoint
 
 import_submodules(__name__, __path__)
 

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
-from polytask.merging._taskvector import ModelSource, is_mergeable, open_models
+from polytask.merging.base import Merger
+from polytask.merging.taskvector import ModelSource, is_mergeable, open_models
 
 #: ``forward(model, params, x, task_index) -> logits``
 Forward = Callable[[nn.Module, dict[str, Tensor], Tensor, int], Tensor]

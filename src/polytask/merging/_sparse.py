@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
+from polytask.merging.base import Merger
 
 #: Entries per model per block: a [T, BLOCK] float32 buffer for T = 8 models is 2 MB (cache-sized).
 BLOCK = 1 << 16

@@ -60,7 +60,7 @@ Split = tuple[Tensor, Tensor]
 
 
 def merge_cache() -> Path:
-    from polytask.api import cache_dir
+    from polytask.io import cache_dir
 
     return cache_dir() / "merge"
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.merging._learned import CoefficientMerger, Forward, TaskVectorStack, as_batch_lists, entropy
-from polytask.merging._taskvector import ModelSource
+from polytask.merging.taskvector import ModelSource
 from polytask.registry import MERGERS
 
 

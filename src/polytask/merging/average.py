@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.merging._base import Merger
+from polytask.merging.base import Merger
 from polytask.registry import MERGERS
 
 

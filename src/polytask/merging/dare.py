@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.merging._base import tensor_generator
+from polytask.merging.base import tensor_generator
 from polytask.merging._sparse import SparseTaskArithmetic, check_fraction, drop_and_rescale
 from polytask.registry import MERGERS
 

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
-from polytask.merging._taskvector import Checkpoint, DictCheckpoint, ModelSource, check_compatible, open_checkpoint
+from polytask.merging.base import Merger
+from polytask.merging.taskvector import Checkpoint, DictCheckpoint, ModelSource, check_compatible, open_checkpoint
 from polytask.registry import MERGERS
 
 FisherSource = Union[Sequence[ModelSource], Callable[[int, dict[str, Tensor]], dict[str, Tensor]]]

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from polytask.errors import PolytaskError
-from polytask.merging._base import Merger
+from polytask.merging.base import Merger
 from polytask.merging._learned import as_batch_lists
-from polytask.merging._taskvector import ModelSource, is_mergeable, open_models
+from polytask.merging.taskvector import ModelSource, is_mergeable, open_models
 from polytask.registry import MERGERS
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.weighting._base import GradContext
+from polytask.weighting.base import GradContext
 
 
 def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 from polytask.weighting._common import check_choice, check_mode, gram, need_ctx
 
 SCALES = ("min", "median", "rmse")

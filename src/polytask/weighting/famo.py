@@ -32,7 +32,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8

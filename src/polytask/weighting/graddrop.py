@@ -23,7 +23,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 from polytask.weighting._common import SeededRandom, need_ctx
 
 

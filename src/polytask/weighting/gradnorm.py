@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 from polytask.weighting._common import check_mode, need_ctx
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 from polytask.weighting._common import SeededRandom, check_mode, gram, need_ctx
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._base import GradContext, Weighting
+from polytask.weighting.base import GradContext, Weighting
 
 
 @WEIGHTINGS.register("uw")

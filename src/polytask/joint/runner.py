@@ -1,4 +1,4 @@
-"""The Python entry points of the joint route: build, train, save, load and evaluate a run."""
+"""The joint route's runner: build, train, save, load and evaluate a run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 import polytask.data  # noqa: F401  (registers the suites)
 import polytask.models.arch  # noqa: F401
 import polytask.weighting  # noqa: F401
-from polytask.config import RunConfig
+from polytask.joint.config import RunConfig
 from polytask.errors import PolytaskError
 from polytask.io import cache_dir, prepare_run_dir, save_safetensors, write_json, write_yaml
 from polytask.metrics import Results, delta_m

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from polytask.continual._scenario import Scenario
+from polytask.continual.scenario import Scenario
 from polytask.metrics import masked_task_losses
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.trainer import Hook

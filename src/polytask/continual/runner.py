@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from polytask.continual._base import Strategy
-from polytask.continual._metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
-from polytask.continual._scenario import Scenario
+from polytask.continual.base import Strategy
+from polytask.continual.metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
+from polytask.continual.scenario import Scenario
 from polytask.errors import PolytaskError
 from polytask.io import prepare_run_dir, save_safetensors, write_json, write_text, write_yaml
 from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES, check_fields

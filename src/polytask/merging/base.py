@@ -27,7 +27,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors
-from polytask.merging._taskvector import Checkpoint, ModelSource, compute_dtype, is_mergeable, open_models
+from polytask.merging.taskvector import Checkpoint, ModelSource, compute_dtype, is_mergeable, open_models
 from polytask.registry import MERGERS
 
 
