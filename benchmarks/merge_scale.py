@@ -10,9 +10,9 @@ sampled every 5 ms: the real cost. Each measurement runs in a fresh
 subprocess (peak RSS = that process's ``ru_maxrss``), with one torch thread.
 
 Baseline ``load-all ties``: the common single-route recipe (load all N+1 state dicts, an [N, D]
-task-vector matrix, each row's global top-k via ``kthvalue``, sign election, disjoint mean). It trims
-each whole task vector (the paper's definition) where ours trims tensor by tensor, so the two
-merged models differ; the row shows what that approach costs in time and memory.
+task-vector matrix, each row's largest ``density`` = 0.2 fraction via ``kthvalue``, sign election,
+disjoint mean). It trims each whole task vector (the paper's definition) where ours trims tensor
+by tensor, so the two merged models differ; the row shows what that approach costs in time and memory.
 
     python benchmarks/merge_scale.py                 # full size (~3.6 GB of files in a temp dir)
     python benchmarks/merge_scale.py --params 2e6    # quick check
@@ -103,11 +103,12 @@ def worker(task: str, directory: Path, models: int) -> dict[str, float]:
             "peak_anon_bytes": peak_anon[0], "baseline_anon_bytes": baseline}
 
 
-def load_all_ties(files: list[Path], out: Path, k: float = 0.2, lam: float = 1.0) -> None:
+def load_all_ties(files: list[Path], out: Path, density: float = 0.2, lam: float = 1.0) -> None:
     """The common single-route recipe (TIES' reference code, FusionBench, mergekit-style scripts): load
-    every state dict, flatten the task vectors into an [N, D] matrix, keep each row's global top-k by
-    ``kthvalue``, elect signs with a sum over rows, disjoint mean. Rows are trimmed and averaged one at a
-    time (the reference does it on the whole matrix at once, which needs several more [N, D] temporaries)."""
+    every state dict, flatten the task vectors into an [N, D] matrix, keep the largest ``density`` fraction of
+    each row by ``kthvalue``, elect signs with a sum over rows, disjoint mean. Rows are trimmed and averaged
+    one at a time (the reference does it on the whole matrix at once, which needs several more [N, D]
+    temporaries)."""
     from safetensors.torch import load_file, save_file
 
     states = [load_file(str(f)) for f in files]
@@ -119,7 +120,7 @@ def load_all_ties(files: list[Path], out: Path, k: float = 0.2, lam: float = 1.0
     n = tv.shape[1]
     for row in tv:
         mag = row.abs()
-        row.mul_(mag >= mag.kthvalue(n - round(k * n) + 1).values)
+        row.mul_(mag >= mag.kthvalue(n - round(density * n) + 1).values)
         del mag
     elected = tv.sum(0).sign_()
     total, count = torch.zeros(n), torch.zeros(n)

@@ -42,7 +42,7 @@ Yadav et al. 2023, Yang et al. 2024) holds only partly at this scale, and the te
 * digits-merge (3 seeds): every method lands between the base (0.751) and the fine-tuned models.
   Averaging (0.876) equals tuned task arithmetic (0.875) and TIES is below both (0.854): the MLP's task
   vectors are dense, with six tasks the tuned λ (0.1) makes task arithmetic nearly the uniform average
-  (1/6), and trimming 80% of each tensor (TIES, k = 20) removes much of what each task learned.
+  (1/6), and trimming 80% of each tensor (TIES, density = 0.2) removes much of what each task learned.
   aTLAS (0.904, few labelled shots) and Twin-Merging (0.935, which routes each input to its task's
   exclusive part: not a static merge) are best; AdaMerging (0.706, below the base) fails: minimising
   the entropy of heads trained with their fine-tuned bodies rewards confident wrong predictions on the
@@ -70,11 +70,10 @@ def run_suite(name: str, out: Path) -> dict[str, Any]:
     cfg = SUITES[name]
     code = (
         "import json, sys, time, torch; torch.set_num_threads(1)\n"
-        "from polytask.merging._suites import load_merge_suite\n"
-        "from polytask.commands.merge_bench import run_bench\n"
+        "from polytask.merging import BenchConfig, load_merge_suite, run_bench\n"
         f"t = time.perf_counter(); s = load_merge_suite({name!r}, progress=False, **{cfg['options']!r})\n"
         "load = time.perf_counter() - t; t = time.perf_counter()\n"
-        f"p = run_bench({name!r}, {METHODS!r}, {cfg['seeds']}, None, {{}}, {cfg['options']!r}, progress=False)\n"
+        f"p = run_bench(BenchConfig({name!r}, {METHODS!r}, {cfg['seeds']}, suite_options={cfg['options']!r}), progress=False)\n"
         "p['seconds'] = {'build_or_load': round(load, 1), 'merge_and_eval': round(time.perf_counter() - t, 1)}\n"
         "p['build'] = {k: s.meta[k] for k in ('build_seconds', 'merged_parameters', 'merged_tensors', 'samples', 'info', 'finetune')}\n"
         f"open({str(out)!r}, 'w').write(json.dumps(p))\n"
@@ -111,7 +110,7 @@ def render(payload: dict[str, Any]) -> None:
              "Merged body + each task's own fine-tuned head; normalised accuracy = merged / individually "
              "fine-tuned accuracy on the task's test split (Ilharco et al. 2023). λ of task-arithmetic, TIES, DARE "
              "and Breadcrumbs chosen on the validation split; learned methods use the inputs documented in "
-             "`polytask/merging/_evaluate.py`.", "",
+             "`polytask/merging/_data.py`.", "",
              f"Environment: {json.dumps(payload['env'])}; one torch thread per process, two processes at a time.", ""]
     for name, res in payload["suites"].items():
         lines += [f"## {name}", ""]

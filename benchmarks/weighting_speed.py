@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +131,15 @@ def build(cfg: dict[str, Any]) -> Any:
     if weighting.mode != "none":
         ctx = (LibMTLContext(model, weighting.mode) if cfg["path"] == "libmtl" else
                GradContext(model, weighting.mode, task_chunk=T if cfg["path"] == "batched" else None))
-    model.rep_mode = weighting.mode == "rep"
+    cut = model.representation_cut if weighting.mode == "rep" else nullcontext
     opt = torch.optim.SGD(list(model.parameters()) + list(weighting.parameters()), lr=1e-3)
 
     def step(batch: Batch) -> None:
         opt.zero_grad(set_to_none=True)
         if ctx is not None:
             ctx.reset()
-        losses = masked_task_losses(tasks, model(batch.x), batch)
+        with cut():
+            losses = masked_task_losses(tasks, model(batch.x), batch)
         weighting.backward(losses, ctx)
         opt.step()
 

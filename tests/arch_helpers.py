@@ -1,8 +1,32 @@
-"""Helpers shared by the architecture tests: per-parameter gradients of one loss, fixed labels."""
+"""Helpers shared by the architecture tests: inputs, per-parameter gradients of one loss, fixed labels."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from polytask.models.arch._experts import FeatureGate
+from polytask.tasks import InputSpec
+
+
+def example_inputs(spec: InputSpec, batch: int, seed: int = 0):
+    """Random inputs of ``spec`` (dense, image or recsys) for ``batch`` samples."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.kind == "dense":
+        return torch.randn(batch, spec.dim, generator=g)
+    if spec.kind == "image":
+        return torch.randn(batch, *spec.shape, generator=g)
+    return {"fields": torch.stack([torch.randint(0, v, (batch,), generator=g) for v in spec.field_vocab], 1),
+            "seqs": torch.randint(0, spec.item_vocab, (batch, len(spec.seq_names), spec.seq_len), generator=g),
+            "dense": torch.randn(batch, spec.dense_dim, generator=g)}
+
+
+def open_feature_gates(model: nn.Module) -> nn.Module:
+    """Start HoME's feature gates away from the identity, so every weight gets gradient."""
+    for m in model.modules():
+        if isinstance(m, FeatureGate):
+            nn.init.normal_(m.up.weight, std=0.5)
+    return model
 
 
 def grads_of(model, loss):

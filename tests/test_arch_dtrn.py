@@ -1,4 +1,8 @@
-"""DTRN: shapes, hypernetwork conditioning, gradient ownership, recsys-only inputs."""
+"""DTRN: hypernetwork conditioning, gradient ownership, recsys-only inputs.
+
+The checks every architecture shares (shapes, ownership, rep mode, diagnostics shapes) are in
+test_arch_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from polytask import ARCHITECTURES, SUITES, PolytaskError, TrainConfig, Trainer
 from polytask.tasks import InputSpec, Task
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
-from arch_helpers import abc_losses
+from arch_helpers import abc_losses, grads_of, names_of, nonzero
 
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
 SPEC = InputSpec("recsys", field_vocab=(5, 7, 11), seq_names=("click", "like"), item_vocab=30, seq_len=6,
@@ -36,31 +40,14 @@ def build(**opts):
     return ARCHITECTURES.create("dtrn", TASKS, SPEC, **opts)
 
 
-def grads(model, loss) -> dict[str, torch.Tensor | None]:
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
-
-
-def nonzero(g) -> bool:
-    return g is not None and bool(g.abs().sum() > 0)
-
-
-def names_of(model, params) -> list[str]:
-    ids = {id(p) for p in params}
-    return [n for n, p in model.named_parameters() if id(p) in ids]
-
-
 @pytest.mark.parametrize("top", ["towers", "mmoe"])
-def test_shapes_finite_and_every_parameter_learns(top):
+def test_finite_and_every_parameter_learns(top):
     model = build(top=top)
     out = model(inputs())
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (B, 1), "b": (B, 3), "c": (B, 1)}
     assert all(torch.isfinite(v).all() for v in out.values())  # a fully padded sequence is fine
-    g = grads(model, sum(losses(out).values()))
+    g = grads_of(model, sum(losses(out).values()))
     assert [n for n, v in g.items() if not nonzero(v) and "padding" not in n] == []
     if top == "mmoe":
-        assert set(model.last_gates) == {"a", "b", "c"}
         assert torch.allclose(model.last_gates["a"].sum(-1), torch.ones(B))
 
 
@@ -97,18 +84,14 @@ def test_interest_ignores_padding_items():
 
 
 @pytest.mark.parametrize("top", ["towers", "mmoe"])
-def test_task_parts_get_no_gradient_from_other_tasks_and_shared_parts_from_all(top):
+def test_task_owns_its_senet_and_embedding_and_shared_parts_learn_from_all(top):
     model = build(top=top)
     shared = [n for n in names_of(model, model.shared_parameters()) if n.startswith(("hypernet.", "encoder."))]
     assert any(n.startswith("hypernet.") for n in shared)
     for a in model.task_names:
-        g = grads(model, losses(model(inputs()))[a])
+        g = grads_of(model, losses(model(inputs()))[a])
         own = names_of(model, model.task_parameters(a))
         assert any(n.startswith("senets.") for n in own) and any(n.startswith("task_embeddings.") for n in own)
-        assert all(nonzero(g[n]) for n in own), a
-        for b in model.task_names:
-            if b != a:
-                assert not any(nonzero(g[n]) for n in names_of(model, model.task_parameters(b))), (a, b)
         assert all(nonzero(g[n]) for n in shared), a  # the hypernetwork and Transformer serve every task
 
 

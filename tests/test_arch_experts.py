@@ -1,4 +1,8 @@
-"""Expert architectures: cross-stitch, CGC, PLE, HoME (and the mmoe diagnostics API)."""
+"""Expert architectures: cross-stitch, CGC, PLE, HoME (and the mmoe diagnostics).
+
+The checks every architecture shares (shapes, ownership, rep mode, diagnostics shapes) are in
+test_arch_contract.py; these are the ones specific to each architecture.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from polytask.tasks import InputSpec, Task
 from polytask.trainer import seed_everything
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
-from arch_helpers import grads_of, names_of, nonzero
+from arch_helpers import abc_losses, example_inputs, grads_of, names_of, nonzero, open_feature_gates
 
 ARCHS = ["cross-stitch", "cgc", "ple", "home"]
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
@@ -25,32 +29,18 @@ B = 6
 
 
 def inputs(spec: InputSpec, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    if spec.kind == "dense":
-        return torch.randn(B, spec.dim, generator=g)
-    if spec.kind == "image":
-        return torch.randn(B, *spec.shape, generator=g)
-    return {"fields": torch.stack([torch.randint(0, v, (B,), generator=g) for v in spec.field_vocab], 1),
-            "seqs": torch.randint(0, spec.item_vocab, (B, 1, spec.seq_len), generator=g),
-            "dense": torch.randn(B, spec.dense_dim, generator=g)}
+    return example_inputs(spec, B, seed)
 
 
 def losses(out):
-    g = torch.Generator().manual_seed(1)
-    y = {"a": torch.randint(0, 2, (B,), generator=g).float(), "b": torch.randint(0, 3, (B,), generator=g),
-         "c": torch.randn(B, generator=g)}
-    return {t.name: t.loss(out[t.name], y[t.name]).mean() for t in TASKS}
+    return abc_losses(TASKS, out, B)
 
 
 def build(name: str, spec: InputSpec = DENSE, tasks=TASKS, **opts):
     torch.manual_seed(0)
     if spec.kind == "image":
         opts.setdefault("backbone_options", {"channels": (4,)})
-    model = ARCHITECTURES.create(name, tasks, spec, **opts)
-    for m in model.modules():  # start feature gates away from the identity so every weight gets gradient
-        if isinstance(m, FeatureGate):
-            nn.init.normal_(m.up.weight, std=0.5)
-    return model
+    return open_feature_gates(ARCHITECTURES.create(name, tasks, spec, **opts))
 
 
 def test_registered():
@@ -59,11 +49,9 @@ def test_registered():
 
 @pytest.mark.parametrize("spec", [DENSE, RECSYS], ids=["dense", "recsys"])
 @pytest.mark.parametrize("name", ARCHS)
-def test_shapes_and_every_parameter_learns(name, spec):
+def test_every_parameter_learns(name, spec):
     model = build(name, spec)
-    out = model(inputs(spec))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (B, 1), "b": (B, 3), "c": (B, 1)}
-    g = grads_of(model, sum(losses(out).values()))
+    g = grads_of(model, sum(losses(model(inputs(spec))).values()))
     assert [n for n, v in g.items() if not nonzero(v)] == []
 
 
@@ -71,18 +59,6 @@ def test_shapes_and_every_parameter_learns(name, spec):
 def test_image_inputs(name):
     out = build(name, IMAGE)(inputs(IMAGE))
     assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (B, 1), "b": (B, 3), "c": (B, 1)}
-
-
-@pytest.mark.parametrize("name", ["cgc", "ple", "home", "mmoe"])
-def test_task_parts_get_no_gradient_from_other_tasks(name):
-    model = build(name)
-    for a in model.task_names:
-        g = grads_of(model, losses(model(inputs(DENSE)))[a])
-        own = names_of(model, model.task_parameters(a))
-        assert own and all(nonzero(g[n]) for n in own)
-        for b in model.task_names:
-            if b != a:
-                assert not any(nonzero(g[n]) for n in names_of(model, model.task_parameters(b))), (a, b)
 
 
 @pytest.mark.parametrize("name", ["cgc", "ple", "home"])
@@ -269,26 +245,6 @@ def test_expert_batchnorm_accepts_a_batch_of_one():
     assert torch.allclose(got, bn(one))
 
 
-@pytest.mark.parametrize("spec", [DENSE, RECSYS], ids=["dense", "recsys"])
-@pytest.mark.parametrize("name", ARCHS)
-def test_rep_mode_matches_normal_mode(name, spec):
-    model = build(name, spec)
-    x = inputs(spec)
-    normal = model(x)
-    full = grads_of(model, sum(losses(normal).values()))
-    model.rep_mode = True
-    rep = model(x)
-    assert model.rep_leaf is not None and model.rep_leaf.requires_grad
-    assert all(torch.allclose(normal[t], rep[t]) for t in normal)
-    model.zero_grad(set_to_none=True)
-    sum(losses(rep).values()).backward()
-    # the cut is complete: shared parameters are reached only through last_rep
-    assert not any(p.grad is not None for p in model.shared_parameters())
-    model.last_rep.backward(model.rep_leaf.grad)
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.grad, full[n], atol=1e-6), n
-
-
 def test_mmoe_diagnostics():
     model = build("mmoe", num_experts=3)
     model(inputs(DENSE))
@@ -296,19 +252,6 @@ def test_mmoe_diagnostics():
     assert sorted(model.last_expert_activations) == ["shared/0", "shared/1", "shared/2"]
     assert model.last_expert_activations["shared/0"].shape == (B, 16)
     assert not model.last_expert_activations["shared/0"].requires_grad
-
-
-@pytest.mark.parametrize("name", ARCHS)
-def test_diagnostics_api(name):
-    model = build(name)
-    model(inputs(DENSE))
-    groups = model.expert_groups()
-    assert set(groups) == {"shared", "a", "b", "c"}
-    for t in model.task_names:
-        g = model.last_gates[t]
-        assert g.shape[0] == B and not g.requires_grad
-        assert max(groups["shared"] + groups[t]) < g.shape[1]
-    assert all(not v.requires_grad and v.shape[0] == B for v in model.last_expert_activations.values())
 
 
 @pytest.mark.parametrize("name,weighting", [("home", "ew"), ("ple", "mgda"), ("cross-stitch", "pcgrad")])

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from polytask import PolytaskError
-from polytask.merging import _suites
-from polytask.merging._evaluate import evaluate_method
-from polytask.merging._suites import load_merge_suite
+from polytask.merging import evaluate_merger, load_merge_suite
+from polytask.merging.suites import base as suites_base
 
 TINY = {"tasks": ["parity", "mirror", "invert"], "hidden": 32, "pretrain_epochs": 2, "probe_epochs": 5, "epochs": 8}
 TINY_CLI = ["--suite-option", "tasks=[parity,mirror,invert]", "--suite-option", "hidden=32",
@@ -40,7 +39,7 @@ def test_build_is_deterministic_bit_for_bit(suite, tmp_path, monkeypatch):
 
 def test_second_load_uses_the_cache(suite, monkeypatch):
     calls = []
-    monkeypatch.setattr(_suites, "build_suite", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(suites_base, "build_suite", lambda *a, **k: calls.append(a))
     mtime = (suite.directory / "parity.safetensors").stat().st_mtime_ns
     again = load_merge_suite("digits-merge", progress=False, **TINY)
     assert calls == []
@@ -59,7 +58,7 @@ def test_finetuned_models_beat_the_base_on_their_own_task(suite):
 
 
 def test_task_arithmetic_merge_stays_well_above_chance(suite):
-    r = evaluate_method(suite, "task-arithmetic", seed=0)
+    r = evaluate_merger(suite, "task-arithmetic", seed=0)
     chance = {"parity": 0.5, "mirror": 0.1, "invert": 0.1}
     for t in suite.tasks:
         ft = suite.meta["finetuned_accuracy"][t]

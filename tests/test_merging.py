@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from polytask import MERGERS, PolytaskError
-from polytask.merging import TaskVector, diagonal_fisher, merge_files
+from polytask.merging import MergeData, TaskVector, diagonal_fisher, merge_files
 
 
 def _models(base: list[float], *taus: list[float]) -> tuple[dict, list[dict]]:
@@ -29,9 +29,9 @@ def test_ties_matches_hand_computed_trim_elect_disjoint_mean():
                         [-2.0, 5.0, 1.0, -3.0, 0.1],     # top-40%: 5, -3
                         [1.0, -6.0, 2.0, 0.2, -0.3])     # top-40%: -6, 2
     # trimmed sum [3, -1, 2, -7, 0] -> signs [+, -, +, -, 0]; agreeing means [3, -6, 2, -3.5, 0]
-    merged = MERGERS.create("ties", k=40, lam=1.0).merge(base, fts)["w"]
+    merged = MERGERS.create("ties", density=0.4, lam=1.0).merge(base, fts)["w"]
     assert torch.equal(merged, torch.tensor([4.0, -5.0, 3.0, -2.5, 1.0]))
-    half = MERGERS.create("ties", k=40, lam=0.5).merge(base, fts)["w"]
+    half = MERGERS.create("ties", density=0.4, lam=0.5).merge(base, fts)["w"]
     assert torch.equal(half, torch.tensor([2.5, -2.0, 2.0, -0.75, 1.0]))
 
 
@@ -54,7 +54,7 @@ def test_breadcrumbs_masks_exactly_the_configured_fractions():
     mags = torch.randperm(200, generator=g).float() + 1.0
     signs = torch.where(torch.rand(200, generator=g) < 0.5, -1.0, 1.0)
     tau = (mags * signs).reshape(10, 20)
-    merged = MERGERS.create("breadcrumbs", beta=0.05, gamma=0.6, lam=1.0).merge(
+    merged = MERGERS.create("breadcrumbs", density=0.35, beta=0.05, lam=1.0).merge(
         {"w": torch.zeros(10, 20)}, [{"w": tau}])["w"]
     expect = torch.where((tau.abs() > 120) & (tau.abs() <= 190), tau, torch.zeros(()))  # drop 120 smallest, 10 largest
     assert torch.equal(merged, expect)
@@ -64,25 +64,36 @@ def test_breadcrumbs_masks_exactly_the_configured_fractions():
 def test_dare_is_unbiased_and_drops_at_rate_p():
     tau = torch.tensor([0.5, -2.0, 3.0, 0.1, -0.7])
     base = {"w": torch.zeros(5)}
-    draws = torch.stack([MERGERS.create("dare", p=0.5, lam=1.0, seed=s).merge(base, [{"w": tau}])["w"]
+    draws = torch.stack([MERGERS.create("dare", density=0.5, lam=1.0, seed=s).merge(base, [{"w": tau}])["w"]
                          for s in range(2000)])
     std = tau.abs() * math.sqrt(0.5 / 0.5 / 2000)
     assert ((draws.mean(0) - tau).abs() < 5 * std).all()
     assert set(draws[:, 0].unique().tolist()) == {0.0, 1.0}  # dropped, or rescaled by 1/(1-p)
-    big = MERGERS.create("dare", p=0.9, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
+    big = MERGERS.create("dare", density=0.1, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
                                                                [{"w": torch.ones(100_000)}])["w"]
     dropped = float((big == 0).float().mean())
     assert abs(dropped - 0.9) < 5 * math.sqrt(0.9 * 0.1 / 100_000)
     assert torch.allclose(big[big != 0], torch.full((1,), 10.0))
-    again = MERGERS.create("dare", p=0.9, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
+    again = MERGERS.create("dare", density=0.1, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
                                                                  [{"w": torch.ones(100_000)}])["w"]
     assert torch.equal(big, again)
 
 
 def test_dare_with_ties_uses_sign_election():
     base, fts = _models([0.0, 0.0], [1.0, -1.0], [3.0, 1.0], [-1.0, -3.0])
-    merged = MERGERS.create("dare", p=0.0, ties=True).merge(base, fts)["w"]
+    merged = MERGERS.create("dare", density=1.0, ties=True).merge(base, fts)["w"]
     assert torch.equal(merged, torch.tensor([2.0, -2.0]))  # λ defaults to 1 with ties
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("ties", {"density": 20}, "option density=20.0 is outside [0, 1]"),
+    ("dare", {"density": 0.0}, "option density=0.0 is outside (0, 1]"),
+    ("breadcrumbs", {"density": 0.9, "beta": 0.2}, "options density=0.9 and beta=0.2"),
+])
+def test_out_of_range_sparsity_names_the_option(method, options, message):
+    with pytest.raises(PolytaskError) as err:
+        MERGERS.create(method, **options)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_fisher_merge_with_hand_made_fishers():
@@ -165,8 +176,8 @@ def _checkpoints(n: int = 3) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.parametrize("method, options", [
-    ("average", {}), ("task-arithmetic", {"lam": 0.4}), ("ties", {"k": 30}), ("dare", {"p": 0.5, "seed": 7}),
-    ("dare", {"p": 0.3, "ties": True}), ("breadcrumbs", {"beta": 0.1, "gamma": 0.5}), ("fisher", {}),
+    ("average", {}), ("task-arithmetic", {"lam": 0.4}), ("ties", {"density": 0.3}), ("dare", {"density": 0.5, "seed": 7}),
+    ("dare", {"density": 0.7, "ties": True}), ("breadcrumbs", {"density": 0.4, "beta": 0.1}), ("fisher", {}),
 ])
 def test_streaming_merge_equals_in_memory_bit_for_bit(tmp_path, method, options):
     base, fts = _checkpoints()
@@ -232,14 +243,14 @@ def test_adamerging_lowers_entropy_and_moves_coefficients():
                            * F.log_softmax(F.linear(x, sd["weight"], sd["bias"]), -1)).sum(-1).mean()) for x in xs)
 
     merger = MERGERS.create("adamerging", steps=60, lr=0.05)
-    merged = merger.merge(base, fts, model=model, data=[[x] for x in xs])
+    merged = merger.merge(base, fts, MergeData(model=model, batches=[[x] for x in xs]))
     init = MERGERS.create("task-arithmetic", lam=0.3).merge(base, fts)
     assert mean_entropy(merged) < mean_entropy(init) - 0.05
     assert merger.coefficients.shape == (2, 2) and not torch.allclose(merger.coefficients, torch.tensor(0.3))
-    again = MERGERS.create("adamerging", steps=60, lr=0.05).merge(base, fts, model=model, data=[[x] for x in xs])
+    again = MERGERS.create("adamerging", steps=60, lr=0.05).merge(base, fts, MergeData(model=model, batches=[[x] for x in xs]))
     assert all(torch.equal(merged[k], again[k]) for k in merged)
     task_wise = MERGERS.create("adamerging", granularity="task", steps=5, lr=0.05)
-    task_wise.merge(base, fts, model=model, data=[[x] for x in xs])
+    task_wise.merge(base, fts, MergeData(model=model, batches=[[x] for x in xs]))
     assert task_wise.coefficients.shape == (2, 1)
 
 
@@ -255,7 +266,7 @@ def test_atlas_learns_block_coefficients_that_beat_its_init():
         return float((F.linear(xs[0], sd["weight"], sd["bias"]).argmax(1) == ys[0]).float().mean())
 
     merger = MERGERS.create("atlas", steps=80, lr=0.05)
-    merged = merger.merge(base, [useful, noise], model=model, data=[[(xs[0][:32], ys[0][:32])]])
+    merged = merger.merge(base, [useful, noise], MergeData(model=model, batches=[[(xs[0][:32], ys[0][:32])]]))
     assert merger.coefficients.shape == (2, 2)  # per task vector, per block (weight, bias)
     assert accuracy(merged) > accuracy(base) + 0.3
     assert (merger.coefficients[0] > 0.2).all()
@@ -268,7 +279,7 @@ def test_twin_merging_routes_each_task_to_its_expert():
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fts = [_expert(base, teachers[t], centres[t], 1.0) for t in range(3)]
     merged = MERGERS.create("twin-merging", shared="task-arithmetic", rank=3, steps=150, lr=0.05).merge(
-        base, fts, model=model, data=[[x[:16]] for x in xs])
+        base, fts, MergeData(model=model, batches=[[x[:16]] for x in xs]))
     for t in range(3):
         routed = merged.route(xs[t][16:]).argmax(1)
         assert float((routed == t).float().mean()) > 0.9
@@ -288,16 +299,16 @@ def test_cli_merge_end_to_end(tmp_path):
     paths = [str(_write(tmp_path / f"m{i}.safetensors", ft)) for i, ft in enumerate(fts)]
     b = str(_write(tmp_path / "base.safetensors", base))
     out = tmp_path / "merged.safetensors"
-    result = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "k=30", "--option",
+    result = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "density=0.3", "--option",
                                       "lam=0.8", "--out", str(out), *paths])
     assert result.exit_code == 0, result.output
     assert "merged 3 models with ties: 4 tensors" in result.output
-    expect = MERGERS.create("ties", k=30, lam=0.8).merge(base, fts)
+    expect = MERGERS.create("ties", density=0.3, lam=0.8).merge(base, fts)
     got = load_file(str(out))
     assert all(torch.equal(got[k], expect[k]) for k in expect)
-    bad = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "density=0.2",
+    bad = CliRunner().invoke(app, ["merge", "--base", b, "--method", "ties", "--option", "k=20",
                                    "--out", str(tmp_path / "x.safetensors"), *paths])
-    assert isinstance(bad.exception, PolytaskError) and "its options are: k, lam" in str(bad.exception)
+    assert isinstance(bad.exception, PolytaskError) and "its options are: density, lam" in str(bad.exception)
     learned = CliRunner().invoke(app, ["merge", "--base", b, "--method", "adamerging", "--out",
                                        str(tmp_path / "y.safetensors"), *paths])
     assert isinstance(learned.exception, PolytaskError) and "learns from data" in str(learned.exception)
@@ -339,11 +350,12 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
         deltas = [ft[key] - b for ft in fts]
         n = b.numel()
         if method == "ties":
-            deltas = [trim(d, n - round(options["k"] / 100 * n), 0) for d in deltas]
+            deltas = [trim(d, n - round(options["density"] * n), 0) for d in deltas]
         elif method == "breadcrumbs":
-            deltas = [trim(d, round(options["gamma"] * n), round(options["beta"] * n)) for d in deltas]
+            deltas = [trim(d, round((1 - options["density"] - options["beta"]) * n), round(options["beta"] * n))
+                      for d in deltas]
         else:
-            p = options["p"]
+            p = 1 - options["density"]
             deltas = [d.mul_(torch.rand(d.shape, generator=tensor_generator(options["seed"], key, i), dtype=d.dtype) >= p)
                       .div_(1.0 - p) for i, d in enumerate(deltas)]
         if method == "ties" or options.get("ties"):
@@ -366,10 +378,10 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
 
 
 @pytest.mark.parametrize("method, options", [
-    ("ties", {"k": 20, "lam": 1.0}), ("ties", {"k": 37, "lam": 0.7}), ("ties", {"k": 0, "lam": 1.0}),
-    ("ties", {"k": 100, "lam": 1.0}), ("breadcrumbs", {"beta": 0.03, "gamma": 0.6, "lam": 0.3}),
-    ("breadcrumbs", {"beta": 0.0, "gamma": 0.5, "lam": 1.0}), ("breadcrumbs", {"beta": 0.2, "gamma": 0.0, "lam": 1.0}),
-    ("dare", {"p": 0.9, "seed": 3, "lam": 0.3}), ("dare", {"p": 0.7, "seed": 0, "lam": 1.0, "ties": True}),
+    ("ties", {"density": 0.2, "lam": 1.0}), ("ties", {"density": 0.37, "lam": 0.7}), ("ties", {"density": 0.0, "lam": 1.0}),
+    ("ties", {"density": 1.0, "lam": 1.0}), ("breadcrumbs", {"density": 0.37, "beta": 0.03, "lam": 0.3}),
+    ("breadcrumbs", {"density": 0.5, "beta": 0.0, "lam": 1.0}), ("breadcrumbs", {"density": 0.8, "beta": 0.2, "lam": 1.0}),
+    ("dare", {"density": 0.1, "seed": 3, "lam": 0.3}), ("dare", {"density": 0.3, "seed": 0, "lam": 1.0, "ties": True}),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blocked_merge_equals_reference_definition_bit_for_bit(monkeypatch, method, options, dtype):

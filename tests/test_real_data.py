@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import polytask.data  # noqa: F401
+from polytask import sources
 from polytask.data import _sources
 from polytask.data.multi_mnist import overlay
 from polytask.errors import PolytaskError
@@ -16,7 +17,7 @@ from polytask.registry import SUITES
 
 
 def need_module(module: str) -> None:
-    if _sources.find_package(module) is None:
+    if sources.find_package(module) is None:
         pytest.skip(f"optional source not installed: {module} (scripts/install_data.sh installs it)")
 
 
@@ -132,7 +133,7 @@ def test_penguins_suite():
 
 
 def test_missing_source_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(_sources, "find_package", lambda module: None)
+    monkeypatch.setattr(sources, "find_package", lambda module: None)
     _sources.mnist_splits.cache_clear()
     with pytest.raises(PolytaskError) as err:
         SUITES.create("mnist")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -41,6 +42,9 @@ class Linear(nn.Module):
 
     def losses(self) -> Tensor:
         return self.g @ self.theta + self.b
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [self.theta]
 
 
 def step(name: str, grads: Tensor, offsets: Tensor | None = None, **options: object) -> tuple[Tensor, Tensor, object]:
@@ -342,7 +346,7 @@ def test_one_step_on_mmoe_fills_every_gradient(name: str, mode: str) -> None:
     options = {"mode": mode} if name in BOTH_MODES else {}
     weighting = WEIGHTINGS.create(name, [t.name for t in TASKS], **options)
     ctx = GradContext(model, weighting.mode) if weighting.mode != "none" else None
-    model.rep_mode = weighting.mode == "rep"
+    cut = model.representation_cut if weighting.mode == "rep" else nullcontext
     params = list(model.parameters()) + list(weighting.parameters())
     opt = torch.optim.SGD(params, lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
@@ -350,7 +354,8 @@ def test_one_step_on_mmoe_fills_every_gradient(name: str, mode: str) -> None:
         opt.zero_grad(set_to_none=True)
         if ctx is not None:
             ctx.grads = None
-        losses = masked_task_losses(TASKS, model(batch.x), batch)
+        with cut():
+            losses = masked_task_losses(TASKS, model(batch.x), batch)
         weights = weighting.backward(losses, ctx)
         assert weights.shape == (3,) and torch.isfinite(weights).all()
         for p in params:
@@ -362,8 +367,8 @@ def test_one_step_on_mmoe_fills_every_gradient(name: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["params", "rep"])
 def test_grad_context_batched_rows_match_one_pass_per_task(mode: str) -> None:
     model, batch = _mmoe_batch()
-    model.rep_mode = mode == "rep"
-    losses = masked_task_losses(TASKS, model(batch.x), batch)
+    with model.representation_cut() if mode == "rep" else nullcontext():
+        losses = masked_task_losses(TASKS, model(batch.x), batch)
     batched = GradContext(model, mode).task_grads(losses)
     looped = GradContext(model, mode, task_chunk=1).task_grads(losses)
     chunked = GradContext(model, mode, task_chunk=2).task_grads(losses)
@@ -382,9 +387,9 @@ def test_grad_context_apply_matches_weighted_backward() -> None:
     expected = [p.grad.clone() for p in model.parameters()]
     for mode, with_grads in [("params", True), ("rep", True), ("params", False), ("rep", False)]:
         model.zero_grad(set_to_none=True)
-        model.rep_mode = mode == "rep"
         ctx = GradContext(model, mode)
-        losses = masked_task_losses(TASKS, model(batch.x), batch)
+        with model.representation_cut() if mode == "rep" else nullcontext():
+            losses = masked_task_losses(TASKS, model(batch.x), batch)
         if with_grads:   # without: apply back-propagates the weighted sum itself
             ctx.task_grads(losses)
         ctx.apply(losses, w)

@@ -21,12 +21,12 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, kind: str = "run")
 
     if resume:
         if not (out / "config.yaml").exists():
-            raise PolytaskError(f"{str(out)!r} holds no {kind} to resume; start it with --out {out}")
+            raise PolytaskError(f"{str(out)!r} holds no {kind} to resume; start it with out={out}")
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass --resume to continue it)"
-            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass --overwrite or choose another --out")
+            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass resume=True to continue it)"
+            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass overwrite=True or choose another out=")
         shutil.rmtree(out)
 
 

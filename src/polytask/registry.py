@@ -130,6 +130,7 @@ WEIGHTINGS: Registry[Any] = Registry("weighting", "polytask.weighting")
 STRATEGIES: Registry[Any] = Registry("strategy", "polytask.continual")
 SCENARIOS: Registry[Any] = Registry("scenario", "polytask.continual")
 MERGERS: Registry[Any] = Registry("merger", "polytask.merging")
+MERGE_SUITES: Registry[Any] = Registry("merge suite", "polytask.merging.suites")
 
 FAMILIES: dict[str, Registry[Any]] = {
     "suite": SUITES,
@@ -139,4 +140,5 @@ FAMILIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "scenario": SCENARIOS,
     "merger": MERGERS,
+    "merge-suite": MERGE_SUITES,
 }

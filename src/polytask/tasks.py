@@ -7,101 +7,61 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
+from polytask.kinds import KINDS, TaskKind, get_kind
 
-TaskKind = Literal["binary", "multiclass", "multilabel", "regression"]
-KINDS: tuple[str, ...] = ("binary", "multiclass", "multilabel", "regression")
 Inputs = Tensor | dict[str, Tensor]
 
-DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("auroc", "accuracy"),
-    "multiclass": ("accuracy", "f1"),
-    "multilabel": ("auroc", "f1"),
-    "regression": ("mse", "mae"),
-}
 LOWER_IS_BETTER = frozenset({"mse", "mae", "rmse", "loss"})
-
-
-def _metric(kind: str, name: str, n: int) -> torchmetrics.Metric:
-    """Build the torchmetrics object for metric ``name`` of a task of ``kind`` with ``n`` outputs."""
-    tm = torchmetrics
-    table: dict[tuple[str, str], Any] = {
-        ("binary", "auroc"): lambda: tm.AUROC(task="binary"),
-        ("binary", "accuracy"): lambda: tm.Accuracy(task="binary"),
-        ("binary", "f1"): lambda: tm.F1Score(task="binary"),
-        ("binary", "ap"): lambda: tm.AveragePrecision(task="binary"),
-        ("multiclass", "accuracy"): lambda: tm.Accuracy(task="multiclass", num_classes=n, average="micro"),
-        ("multiclass", "f1"): lambda: tm.F1Score(task="multiclass", num_classes=n, average="macro"),
-        ("multiclass", "auroc"): lambda: tm.AUROC(task="multiclass", num_classes=n),
-        ("multilabel", "auroc"): lambda: tm.AUROC(task="multilabel", num_labels=n),
-        ("multilabel", "f1"): lambda: tm.F1Score(task="multilabel", num_labels=n, average="macro"),
-        ("multilabel", "accuracy"): lambda: tm.Accuracy(task="multilabel", num_labels=n),
-        ("multilabel", "ap"): lambda: tm.AveragePrecision(task="multilabel", num_labels=n),
-        ("regression", "mse"): lambda: tm.MeanSquaredError(),
-        ("regression", "rmse"): lambda: tm.MeanSquaredError(squared=False),
-        ("regression", "mae"): lambda: tm.MeanAbsoluteError(),
-        ("regression", "r2"): lambda: tm.R2Score(),
-    }
-    if (kind, name) not in table:
-        valid = sorted(m for k, m in table if k == kind)
-        raise PolytaskError(f"metric {name!r} does not apply to a {kind} task; use one of: {', '.join(valid)}")
-    return table[(kind, name)]()
 
 
 @dataclass
 class Task:
     """One prediction target: its kind, loss, metrics and head.
 
+    ``kind`` names a :mod:`polytask.kinds` kind (binary, multiclass, multilabel, regression);
     ``num_classes`` is the number of classes (multiclass) or labels (multilabel);
     binary and regression tasks have one output.
     """
 
     name: str
-    kind: TaskKind
+    kind: str
     num_classes: int = 1
     metrics: tuple[str, ...] = ()
     main_metric: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise PolytaskError(f"task {self.name!r} has kind {self.kind!r}; use one of: {', '.join(KINDS)}")
-        if self.kind in ("multiclass", "multilabel") and self.num_classes < 2:
+        kind = get_kind(self.kind, self.name)
+        if kind.per_class and self.num_classes < 2:
             raise PolytaskError(f"{self.kind} task {self.name!r} needs num_classes >= 2")
-        self.metrics = tuple(self.metrics) or DEFAULT_METRICS[self.kind]
+        self.metrics = tuple(self.metrics) or kind.default_metrics
         self.main_metric = self.main_metric or self.metrics[0]
         for m in self.metrics:
-            _metric(self.kind, m, max(self.num_classes, 2))
+            kind.metric(m, max(self.num_classes, 2))
+
+    @property
+    def kind_impl(self) -> TaskKind:
+        """The :class:`~polytask.kinds.TaskKind` named by ``kind``."""
+        return get_kind(self.kind, self.name)
 
     @property
     def out_dim(self) -> int:
-        return self.num_classes if self.kind in ("multiclass", "multilabel") else 1
+        return self.kind_impl.out_dim(self.num_classes)
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-sample loss, shape [B]."""
-        if self.kind == "multiclass":
-            return F.cross_entropy(output, target.long(), reduction="none")
-        if self.kind == "multilabel":
-            return F.binary_cross_entropy_with_logits(output, target.float(), reduction="none").mean(-1)
-        out = output.reshape(-1)
-        if self.kind == "binary":
-            return F.binary_cross_entropy_with_logits(out, target.float().reshape(-1), reduction="none")
-        return F.mse_loss(out, target.float().reshape(-1), reduction="none")
+        return self.kind_impl.loss(output, target)
 
     def predict(self, output: Tensor) -> Tensor:
         """Turn raw outputs into what the metrics consume (probabilities or values)."""
-        if self.kind == "multiclass":
-            return output.softmax(-1)
-        if self.kind == "multilabel":
-            return output.sigmoid()
-        out = output.reshape(-1)
-        return out.sigmoid() if self.kind == "binary" else out
+        return self.kind_impl.predict(output)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection({m: _metric(self.kind, m, self.num_classes) for m in self.metrics})
+        kind = self.kind_impl
+        return torchmetrics.MetricCollection({m: kind.metric(m, self.num_classes) for m in self.metrics})
 
     def make_head(self, in_dim: int, hidden: Sequence[int] = ()) -> nn.Module:
         """A tower: optional hidden ReLU layers, then a linear output layer."""
@@ -270,7 +230,7 @@ class TaskSuite:
             xt = xt.float()
         unknown = [k for k in labels if k not in kinds]
         if unknown:
-            raise PolytaskError(f"no kind given for task {unknown[0]!r}; pass kinds={{{unknown[0]!r}: 'binary'|'multiclass'|'multilabel'|'regression'}}")
+            raise PolytaskError(f"no kind given for task {unknown[0]!r}; pass kinds={{{unknown[0]!r}: {'|'.join(map(repr, KINDS))}}}")
         ys: dict[str, Tensor] = {}
         ms: dict[str, Tensor] = {}
         tasks: list[Task] = []
@@ -281,17 +241,8 @@ class TaskSuite:
                 nan = torch.isnan(yt).reshape(len(yt), -1).any(-1)
                 mask = mask & ~nan
                 yt = torch.nan_to_num(yt)
-            kind = kinds[tname]
-            n_cls = 1
-            if kind == "multiclass":
-                yt = yt.long()
-                n_cls = int(yt[mask].max().item()) + 1 if mask.any() else 2
-            elif kind == "multilabel":
-                yt = yt.float()
-                n_cls = yt.shape[1] if yt.dim() == 2 else 0
-            else:
-                yt = yt.float()
-            tasks.append(Task(tname, kind, num_classes=n_cls))  # type: ignore[arg-type]
+            yt, n_cls = get_kind(kinds[tname], tname).labels(yt, mask)
+            tasks.append(Task(tname, kinds[tname], num_classes=n_cls))
             ys[tname], ms[tname] = yt, mask
         data = MultiTaskData(xt, ys, ms)
         spec = input_spec or _infer_spec(xt)
@@ -315,12 +266,13 @@ class TaskSuite:
         labels: dict[str, np.ndarray] = {}
         masks: dict[str, np.ndarray] = {}
         for col, kind in targets.items():
+            categorical = get_kind(kind, col).categorical
             s = df[col]
             masks[col] = s.notna().to_numpy()
-            if kind == "multiclass" and not is_numeric_dtype(s):
+            if categorical and not is_numeric_dtype(s):
                 labels[col] = s.astype("category").cat.codes.clip(lower=0).to_numpy()
             else:
-                labels[col] = s.fillna(0).to_numpy(dtype=np.float32 if kind != "multiclass" else np.int64)
+                labels[col] = s.fillna(0).to_numpy(dtype=np.int64 if categorical else np.float32)
         return cls.from_tensors(x, labels, targets, masks=masks, name=name, **kwargs)
 
 

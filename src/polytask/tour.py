@@ -84,6 +84,20 @@ def _plot_delta_m(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def compare_section(out: Path, quick: bool, console: Console) -> list[dict[str, Any]]:
+    """All three routes on digits-merge from one pretrained body: the table and the Pareto plot."""
+    from polytask.compare import CompareConfig, compare
+    from polytask.compare.report import rich_table
+
+    methods = {"joint": ["shared-bottom+ew", "mmoe+uw"], "continual": ["finetune", "replay"],
+               "merge": ["task-arithmetic", "ties"]}
+    payload = compare(CompareConfig(suite="digits-merge", methods=methods, epochs=1 if quick else 5),
+                      out / "compare", progress=True)
+    console.print(rich_table(payload))
+    console.print(f"  Pareto plots: {out}/compare/pareto_cost.png, pareto_params.png", highlight=False)
+    return payload["summary"]
+
+
 def run_tour(out: Path, quick: bool = False, console: Console | None = None) -> None:
     """Run every section of the tour, writing tables (JSON) and plots (PNG) under ``out``."""
     console = console or Console()
@@ -95,7 +109,8 @@ def run_tour(out: Path, quick: bool = False, console: Console | None = None) -> 
     results: dict[str, list[dict[str, Any]]] = {}
     for key, title, section in (("joint", "joint multi-task training", joint_section),
                                 ("continual", "continual learning, one task after another", continual_section),
-                                ("merge", "merging separately fine-tuned models", merge_section)):
+                                ("merge", "merging separately fine-tuned models", merge_section),
+                                ("compare", "one suite, three routes: which one should you ship?", compare_section)):
         console.rule(f"polytask tour — {title}")
         results[key] = section(out, quick, console)
     write_json(out / "tour_results.json", results)

@@ -10,8 +10,8 @@ DistributedDataParallel (gloo on CPU) when launched under ``torchrun``.
 from __future__ import annotations
 
 import copy
-import math
 import os
+from contextlib import nullcontext
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +29,8 @@ from polytask.checkpoints import CheckpointDir
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
+from polytask.models.arch.base import AuxiliaryLoss
+import polytask.sampling as sampling
 from polytask.registry import WEIGHTINGS, check_fields
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.weighting.base import GradContext, Weighting
@@ -55,6 +57,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     shuffle: bool = True  # False: batches in data order (task-free continual streams)
+    sampling: str = "proportional"  # per-task data: "per-task" or "round-robin" (see polytask.sampling)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -65,11 +68,29 @@ class TrainConfig:
             raise PolytaskError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise PolytaskError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        sampling.check_sampling(self.sampling)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         check_fields(cls, d, "training options")
         return cls(**d)
+
+    @classmethod
+    def partial(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config in which only the fields of ``d`` count as set; :meth:`filled` supplies the rest."""
+        cfg = cls.from_dict(d)
+        cfg._set = frozenset(d)
+        return cfg
+
+    def filled(self, defaults: dict[str, Any]) -> TrainConfig:
+        """Fields not set explicitly take ``defaults`` (e.g. a scenario's recommended training).
+
+        A config built directly (``TrainConfig(epochs=3)``) counts as fully set and is returned as is.
+        """
+        given: frozenset[str] | None = getattr(self, "_set", None)
+        if given is None:
+            return self
+        return TrainConfig.from_dict({**defaults, **{k: getattr(self, k) for k in given}})
 
 
 class Hook:
@@ -137,7 +158,8 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         check_monitor(self.config.monitor, self.tasks)
         self.optimizer = self._make_optimizer()
-        self.ctx = GradContext(model, self.weighting.mode) if self.weighting.mode != "none" else None
+        name = weighting if isinstance(weighting, str) else type(weighting).__name__
+        self.ctx = GradContext(model, self.weighting.mode, weighting=name) if self.weighting.mode != "none" else None
         self.epoch = 0
         self.step = 0
         self.samples_seen = 0
@@ -177,7 +199,7 @@ class Trainer:
             self.load_checkpoint()
         for hook in self.hooks:
             hook.before_fit(self)
-        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        steps_per_epoch = sampling.steps_per_epoch(train, [t.name for t in self.tasks], cfg.batch_size, cfg.sampling)
         with self._progress() as progress:
             task_id = progress.add_task("train", total=cfg.epochs * steps_per_epoch,
                                         completed=self.epoch * steps_per_epoch, info="")
@@ -215,7 +237,8 @@ class Trainer:
     def _batches(self, data: MultiTaskData) -> Iterable[Batch]:
         gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
         world, rank = _world(), _rank()
-        for batch in data.batches(self.config.batch_size, shuffle=self.config.shuffle, generator=gen):
+        cfg = self.config
+        for batch in sampling.batches(data, [t.name for t in self.tasks], cfg.batch_size, cfg.sampling, cfg.shuffle, gen):
             if world > 1:  # every rank takes its share of the same global batch
                 batch = batch.subset(torch.arange(rank, len(batch.mask[self.tasks[0].name]), world))
             yield batch
@@ -223,9 +246,6 @@ class Trainer:
     def _train_epoch(self, data: MultiTaskData, progress: Progress, task_id: Any) -> tuple[Tensor, Tensor]:
         self.model.train()
         net = self.ddp or self.model
-        model_rep = getattr(self.model, "rep_mode", None)
-        if model_rep is not None:
-            self.model.rep_mode = self.weighting.mode == "rep"
         total = torch.zeros(len(self.tasks))
         weight_sum = torch.zeros(len(self.tasks))
         n = 0
@@ -236,21 +256,20 @@ class Trainer:
             weight_sum += losses[1]
             n += 1
             progress.advance(task_id)
-        if model_rep is not None:
-            self.model.rep_mode = False
         mean = total / max(n, 1)
         if not torch.isfinite(mean).all():
             bad = self.tasks[int((~torch.isfinite(mean)).nonzero()[0])].name
             raise PolytaskError(f"the loss of task {bad!r} became NaN or infinite in epoch {self.epoch + 1}; "
-                                "lower the learning rate (--lr) or check that task's labels")
+                                "lower the learning rate (lr=...) or check that task's labels")
         return mean, weight_sum / max(n, 1)
 
     def train_step(self, net: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
         """One optimisation step; returns the detached task losses and task weights."""
         self.optimizer.zero_grad(set_to_none=True)
-        outputs = net(batch.x)
+        with self.model.representation_cut() if self.weighting.mode == "rep" else nullcontext():
+            outputs = net(batch.x)
         losses = masked_task_losses(self.tasks, outputs, batch)
-        extra = getattr(self.model, "aux_loss", None)
+        extra = self.model.aux_loss if isinstance(self.model, AuxiliaryLoss) else None
         for hook in self.hooks:
             term = hook.extra_loss(self, batch, outputs)
             if term is not None:
@@ -373,8 +392,7 @@ def evaluate_model(model: nn.Module, tasks: Sequence[Task], data: MultiTaskData,
             out, y = outputs[t.name][m], batch.y[t.name][m]
             loss_sum[t.name] += float(t.loss(out, y).sum())
             count[t.name] += int(m.sum())
-            target = y.long() if t.kind in ("binary", "multiclass", "multilabel") else y.float()
-            metrics[t.name].update(t.predict(out), target.reshape(-1) if t.kind == "binary" else target)
+            metrics[t.name].update(t.predict(out), t.kind_impl.metric_target(y))
     results: Results = {}
     for t in tasks:
         if count[t.name] == 0:

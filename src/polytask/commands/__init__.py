@@ -1,1 +1,2 @@
-"""CLI sub-commands: each module defines ``register(app)`` and is picked up by ``polytask.cli``."""
+"""CLI sub-commands: each public module defines ``register(app)`` and is picked up by ``polytask.cli``;
+``_common`` holds what they share."""

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="show a progress bar per experience"),
     ) -> None:
         """Learn a scenario's experiences one after another with a strategy; print the accuracy matrix and BWT/forgetting."""
-        from polytask.cli import console, parse_options
+        from polytask.commands._common import console, parse_options
         from polytask.continual.runner import ContinualConfig, run_continual
         from polytask.errors import PolytaskError
 
@@ -41,13 +41,12 @@ def register(app: typer.Typer) -> None:
                 raise PolytaskError("no scenario given; pass --scenario NAME (see polytask list scenario)")
             train: dict[str, Any] = {k: v for k, v in {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                                                         "num_threads": threads}.items() if v is not None}
-            cfg = ContinualConfig(scenario=scenario, strategy=strategy, arch=arch, backbone=backbone, seed=seed,
+            train.update(seed=seed, progress=progress)
+            cfg = ContinualConfig(scenario=scenario, strategy=strategy, arch=arch, backbone=backbone,
                                   scenario_options=parse_options(scenario_option, "--scenario-option"),
                                   strategy_options=parse_options(strategy_option, "--strategy-option"),
                                   arch_options=parse_options(arch_option, "--arch-option"),
                                   backbone_options=parse_options(backbone_option, "--backbone-option"), train=train)
-        if progress and not resume:
-            cfg.train["progress"] = True
         result = run_continual(cfg, out, resume=resume, overwrite=overwrite)
         _print(console, result.metrics, [e.name for e in result.scenario])
         console.print(f"wrote {out}/metrics.json, accuracy_matrix.csv, accuracy_matrix.png, accuracy_over_time.png, "

@@ -14,11 +14,11 @@ def register(app: typer.Typer) -> None:
         models: list[Path] = typer.Argument(..., help="fine-tuned models: .safetensors files, Hugging Face folders or polytask run directories"),
         base: Path = typer.Option(..., help="the pretrained model all of them were fine-tuned from"),
         method: str = typer.Option("task-arithmetic", help="data-free merger (polytask list merger)"),
-        option: Optional[list[str]] = typer.Option(None, help="merger option key=value (repeatable), e.g. --option k=20"),
+        option: Optional[list[str]] = typer.Option(None, help="merger option key=value (repeatable), e.g. --option density=0.2"),
         out: Path = typer.Option(..., help="where to write the merged .safetensors (written atomically)"),
     ) -> None:
         """Merge fine-tuned models tensor by tensor (TIES, DARE, task arithmetic, ...) without training."""
-        from polytask.cli import console, parse_options
+        from polytask.commands._common import console, parse_options
         from polytask.merging import merge_files
 
         options = parse_options(option, "--option")

@@ -9,8 +9,8 @@ import typer
 
 
 def parse_method_options(pairs: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """``--option ties.k=30`` -> {"ties": {"k": 30}}; a key without ``method.`` applies to every method."""
-    from polytask.cli import parse_options
+    """``--option ties.density=0.3`` -> {"ties": {"density": 0.3}}; a key without ``method.`` applies to every method."""
+    from polytask.commands._common import parse_options
     from polytask.errors import PolytaskError
 
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
@@ -23,48 +23,11 @@ def parse_method_options(pairs: list[str] | None, methods: list[str]) -> dict[st
     return out
 
 
-def run_bench(suite_name: str, methods: list[str], seeds: int, out: Path | None, options: dict[str, dict[str, Any]],
-              suite_options: dict[str, Any], tune: bool = True, progress: bool = True, console: Any = None) -> dict[str, Any]:
-    """Build/load the suite, evaluate every method and seed, write metrics.json, results.csv and a plot."""
-    from polytask.errors import PolytaskError
-    from polytask.io import write_json
-    from polytask.merging._evaluate import check_methods, evaluate_method
-    from polytask.merging._report import results_csv, summary_rows, write_plot
-    from polytask.merging._suites import get_spec, load_merge_suite
-
-    get_spec(suite_name)
-    check_methods(methods)
-    if seeds < 1:
-        raise PolytaskError(f"--seeds must be at least 1, not {seeds}")
-    suite = load_merge_suite(suite_name, progress=progress, **suite_options)
-    runs = []
-    for method in methods:
-        for seed in range(seeds):
-            r = evaluate_method(suite, method, seed, options.get(method), tune=tune)
-            runs.append(r)
-            if console is not None:
-                console.print(f"  {method:16s} seed {seed}: average normalised accuracy "
-                              f"{r['average_normalized_accuracy']:.3f}", highlight=False)
-    payload = {
-        "route": "merge", "suite": suite_name, "methods": methods, "seeds": list(range(seeds)),
-        "suite_options": suite_options, "threads": __import__("torch").get_num_threads(),
-        "finetuned": {t: {"accuracy": suite.meta["finetuned_accuracy"][t]} for t in suite.tasks},
-        "base": {t: {"accuracy": suite.meta["base_accuracy"][t]} for t in suite.tasks},
-        "summary": summary_rows(runs, suite.tasks), "runs": runs,
-    }
-    if out is not None:
-        for r in runs:
-            write_json(out / "runs" / r["method"] / f"seed-{r['seed']}" / "metrics.json", r)
-        write_json(out / "metrics.json", payload)
-        results_csv(out / "results.csv", payload["summary"], suite.tasks)
-        write_plot(out / "normalized_accuracy.png", payload["summary"], suite.tasks, f"{suite_name}: merged / fine-tuned accuracy")
-    return payload
-
-
 def register(app: typer.Typer) -> None:
     @app.command("merge-bench")
     def merge_bench_cmd(
-        suite: str = typer.Option("digits-merge", help="merge suite: digits-merge, vision-merge, text-merge, text-merge-lora"),
+        suite: str = typer.Option("digits-merge", help="merge suite (polytask list merge-suite): digits-merge, "
+                                                       "vision-merge, text-merge, text-merge-lora"),
         methods: str = typer.Option("average,task-arithmetic,ties,dare,breadcrumbs",
                                     help="comma-separated mergers (polytask list merger)"),
         seeds: int = typer.Option(1, help="number of seeds (0..K-1) for randomised mergers and data draws"),
@@ -78,13 +41,20 @@ def register(app: typer.Typer) -> None:
         """Merge a suite's fine-tuned models with each method; report accuracy normalised by the fine-tuned models."""
         import torch
 
-        from polytask.cli import console, parse_options
-        from polytask.merging._report import print_table
+        from polytask.commands._common import console, parse_options
+        from polytask.merging.bench import BenchConfig, run_bench
+        from polytask.merging.report import print_table
 
         torch.set_num_threads(threads)
         names = [m.strip() for m in methods.split(",") if m.strip()]
-        payload = run_bench(suite, names, seeds, out, parse_method_options(option, names),
-                            parse_options(suite_option, "--suite-option"), tune=tune, progress=progress, console=console)
+        config = BenchConfig(suite, names, seeds, parse_method_options(option, names),
+                             parse_options(suite_option, "--suite-option"), tune)
+
+        def report(r: dict[str, Any]) -> None:
+            console.print(f"  {r['method']:16s} seed {r['seed']}: average normalised accuracy "
+                          f"{r['average_normalized_accuracy']:.3f}", highlight=False)
+
+        payload = run_bench(config, out, progress=progress, report=report)
         print_table(console, payload)
         if out is not None:
             console.print(f"wrote {out}/metrics.json, results.csv, normalized_accuracy.png")

@@ -148,9 +148,7 @@ def batch_tensors(batch: Batch, tasks: list[Task]) -> dict[str, Tensor]:
         if t.name in batch.y:
             out[f"y/{t.name}"], out[f"mask/{t.name}"] = batch.y[t.name], batch.mask[t.name]
         else:
-            shape = (n, t.num_classes) if t.kind == "multilabel" else (n,)
-            dtype = torch.long if t.kind == "multiclass" else torch.float32
-            out[f"y/{t.name}"] = torch.zeros(shape, dtype=dtype)
+            out[f"y/{t.name}"] = t.kind_impl.empty_labels(n, t.num_classes)
             out[f"mask/{t.name}"] = torch.zeros(n, dtype=torch.bool)
     return out
 

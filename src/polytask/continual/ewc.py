@@ -25,17 +25,6 @@ from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.trainer import Trainer
 
 
-def sample_labels(task: Task, output: Tensor, generator: torch.Generator) -> Tensor:
-    """Draw labels from the model's predictive distribution p(y|x) for one task."""
-    if task.kind == "multiclass":
-        return torch.multinomial(output.softmax(-1), 1, generator=generator).reshape(-1)
-    if task.kind in ("binary", "multilabel"):
-        p = output.sigmoid()
-        y = torch.bernoulli(p, generator=generator)
-        return y.reshape(-1) if task.kind == "binary" else y
-    return output.reshape(-1) + torch.randn(output.shape[0], generator=generator)
-
-
 def diagonal_fisher(model: nn.Module, tasks: list[Task], data: MultiTaskData, num_samples: int,
                     generator: torch.Generator, mode: str = "true") -> dict[str, Tensor]:
     """F_i = mean over samples of (∂/∂θ_i log p(y|x))², summed over the sample's labelled tasks."""
@@ -52,7 +41,7 @@ def diagonal_fisher(model: nn.Module, tasks: list[Task], data: MultiTaskData, nu
         for t in tasks:
             if not bool(batch.mask[t.name].any()):
                 continue
-            y = sample_labels(t, out[t.name].detach(), generator) if mode == "true" else batch.y[t.name]
+            y = t.kind_impl.sample_labels(out[t.name].detach(), generator) if mode == "true" else batch.y[t.name]
             nll = nll + t.loss(out[t.name], y).sum()
         grads = torch.autograd.grad(nll, [p for _, p in params], allow_unused=True)
         for (name, _), g in zip(params, grads):

@@ -9,7 +9,7 @@ and a trainable head. For an input x:
    mean of the outputs at the prompt positions to the head (the paper's prompt-token readout);
 4. train with the surrogate loss of Eq. 5,
        L = CE(head(·), y) + λ Σ_{selected i} (1 − cos(q(x), k_i)),   λ = ``pull`` (0.1 in the
-   authors' code), exposed to the Trainer as the model's ``aux_loss``.
+   authors' code), exposed to the Trainer as the model's ``aux_loss`` (:class:`AuxiliaryLoss`).
 
 Only prompts, keys and head are trained: the backbone's weights stay bit for bit the same.
 Class-incremental training masks the logits of classes outside the current experience (the
@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from polytask.continual.base import Strategy
 from polytask.errors import PolytaskError
+from polytask.models.arch.base import AuxiliaryLoss
 from polytask.registry import STRATEGIES
 from polytask.tasks import Inputs, Task
 from polytask.trainer import Trainer
 
 
-class PromptPool(nn.Module):
+class PromptPool(AuxiliaryLoss):
     """Frozen backbone + prompt pool with keys + one linear head per task."""
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[Task], *, pool_size: int = 10, top_n: int = 5,
@@ -59,7 +60,6 @@ class PromptPool(nn.Module):
         self.prompts = nn.Parameter(torch.empty(pool_size, prompt_length, d_prompt).uniform_(-1, 1))
         self.heads = nn.ModuleDict({t.name: nn.Linear(d_prompt if self.token_mode else d, t.out_dim) for t in tasks})
         self.train_classes: dict[str, list[int]] = {}
-        self.aux_loss: Tensor | None = None
         self.last_selection: Tensor | None = None
 
     def train(self, mode: bool = True) -> PromptPool:
@@ -89,7 +89,8 @@ class PromptPool(nn.Module):
         sim = F.cosine_similarity(q[:, None, :], self.keys[None], dim=-1)  # [B, M]
         top = sim.detach().topk(self.top_n, dim=1).indices  # [B, N]
         self.last_selection = top
-        self.aux_loss = self.pull * (1 - sim.gather(1, top)).sum(1).mean() if self.training else None
+        if self.training:
+            self.aux_loss = self.pull * (1 - sim.gather(1, top)).sum(1).mean()
         chosen = self.prompts[top]  # [B, N, L_p, d]
         if self.token_mode:
             h = self._prompted(x, chosen.flatten(1, 2))

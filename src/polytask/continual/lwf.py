@@ -19,24 +19,13 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.continual.base import Strategy
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
-from polytask.tasks import Batch, Task
+from polytask.tasks import Batch
 from polytask.trainer import Trainer
-
-
-def distillation(task: Task, new: Tensor, old: Tensor, temperature: float) -> Tensor:
-    """Mean over the batch of the tempered cross-entropy between old and new outputs."""
-    if task.kind == "multiclass":
-        target = (old / temperature).softmax(-1)
-        return -(target * F.log_softmax(new / temperature, -1)).sum(-1).mean()
-    if task.kind in ("binary", "multilabel"):
-        return F.binary_cross_entropy_with_logits(new / temperature, torch.sigmoid(old / temperature))
-    return F.mse_loss(new, old)
 
 
 @STRATEGIES.register("lwf")
@@ -69,7 +58,7 @@ class LwF(Strategy):
             new_t, old_t = outputs[t.name], old[t.name]
             if cols:
                 new_t, old_t = new_t[:, cols], old_t[:, cols]
-            total = total + distillation(t, new_t, old_t, self.temperature)
+            total = total + t.kind_impl.distillation(new_t, old_t, self.temperature)
         return self.alpha * total
 
     def after_fit(self, trainer: Trainer) -> None:

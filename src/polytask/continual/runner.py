@@ -16,9 +16,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -27,36 +27,54 @@ from torch import nn
 from polytask.continual.base import Strategy
 from polytask.continual.metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
 from polytask.continual.scenario import Scenario
+from polytask.checkpoints import CheckpointDir
+from polytask.config import RouteConfig, option_maps
 from polytask.errors import PolytaskError
-from polytask.io import prepare_run_dir, save_safetensors, write_json, write_text, write_yaml
+from polytask.io import prepare_run_dir, save_safetensors, write_json, write_yaml
 from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES, check_fields
 from polytask.tasks import Batch
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
 
 
 @dataclass
-class ContinualConfig:
-    """Scenario, strategy and model by name with their options, plus training overrides
-    (``train`` holds only the TrainConfig fields set by the user; the scenario's defaults fill the rest)."""
+class ContinualConfig(RouteConfig):
+    """Scenario, strategy and model by name with their options, plus training (and its seed).
+
+    ``train`` may be a :class:`TrainConfig` (used as is) or a mapping of TrainConfig fields; the
+    fields a mapping leaves out take the scenario's recommended training settings, and the resolved
+    config is what the run saves as ``config.yaml``.
+    """
 
     scenario: str
     strategy: str = "finetune"
     arch: str = "shared-bottom"
     backbone: str = "auto"
-    seed: int = 0
     scenario_options: dict[str, Any] = field(default_factory=dict)
     strategy_options: dict[str, Any] = field(default_factory=dict)
     arch_options: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig.partial({}))
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.partial(self.train)
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ContinualConfig:
-        check_fields(cls, d, "continual config")
-        return cls(**d)
+    def from_dict(cls, d: Any, source: str = "the continual config") -> ContinualConfig:
+        if not isinstance(d, dict):
+            raise PolytaskError(f"{source} must be a mapping of fields (scenario:, strategy:, ...)")
+        check_fields(cls, d, source)
+        if "scenario" not in d:
+            raise PolytaskError(f"{source} is missing the field 'scenario'; add e.g. 'scenario: split-digits'")
+        d = option_maps(d, ("scenario_options", "strategy_options", "arch_options", "backbone_options"), source)
+        train = d.pop("train", None) or {}
+        if not isinstance(train, dict):
+            raise PolytaskError(f"{source}: train must be a mapping, e.g. train: {{epochs: 5}}")
+        return cls(**d, train=TrainConfig.partial(train))
 
 
 @dataclass
@@ -85,11 +103,9 @@ def accuracy_row(model: nn.Module, scenario: Scenario, strategy: Strategy, batch
 
 
 def resolve_train(config: ContinualConfig, scenario: Scenario) -> TrainConfig:
-    base: dict[str, Any] = {"progress": False, "num_threads": 1, "seed": config.seed}
-    base.update(scenario.defaults.get("train", {}))
-    base.update(config.train)
-    base["seed"] = config.seed
-    return TrainConfig.from_dict(base)
+    """The run's TrainConfig: what the user set, the scenario's recommendations for the rest."""
+    defaults = {"progress": False, "num_threads": 1, **scenario.defaults.get("train", {})}
+    return config.train.filled(defaults)
 
 
 def build_default_model(config: ContinualConfig, scenario: Scenario) -> nn.Module:
@@ -126,20 +142,21 @@ def _load_components(config: ContinualConfig, scenario: Scenario | None) -> tupl
 
 
 def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = None, *, resume: bool = False,
-                  overwrite: bool = False, scenario: Scenario | None = None) -> ContinualResult:
+                  overwrite: bool = False, scenario: Scenario | None = None,
+                  model: Callable[[], nn.Module] | None = None) -> ContinualResult:
     """Train ``config.strategy`` through the scenario; write metrics, matrix, plots and checkpoints to ``out``.
 
-    ``scenario`` may be a user-built :class:`Scenario` (then ``config.scenario`` is only its label).
+    ``scenario`` may be a user-built :class:`Scenario` (then ``config.scenario`` is only its label);
+    ``model`` builds the network instead of ``config.arch`` (e.g. a pretrained body with one head per task).
     """
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         if resume:
             prepare_run_dir(out_path, True, False, "continual run")
-            from polytask.config import read_yaml
-
-            config = ContinualConfig.from_dict(read_yaml(out_path / "config.yaml"))
+            config = ContinualConfig.from_yaml(out_path / "config.yaml")
     scen, strategy = _load_components(config, scenario)
     train_cfg = resolve_train(config, scen)
+    config = replace(config, train=train_cfg)
     created = False
     if out_path is not None and not resume:
         prepare_run_dir(out_path, False, overwrite, "continual run")
@@ -147,7 +164,7 @@ def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = 
         out_path.mkdir(parents=True, exist_ok=True)
         write_yaml(out_path / "config.yaml", config.to_dict())
     try:
-        return _run(config, scen, strategy, train_cfg, out_path, resume)
+        return _run(config, scen, strategy, train_cfg, out_path, resume, model)
     except (PolytaskError, KeyboardInterrupt):
         if created and out_path is not None and not (out_path / "checkpoints" / "LATEST").exists():
             shutil.rmtree(out_path, ignore_errors=True)
@@ -155,11 +172,11 @@ def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = 
 
 
 def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_cfg: TrainConfig,
-         out: Path | None, resume: bool) -> ContinualResult:
+         out: Path | None, resume: bool, build: Callable[[], nn.Module] | None) -> ContinualResult:
     torch.set_num_threads(train_cfg.num_threads or 1)
     seed_everything(config.seed)
     strategy.setup(scenario, config.seed)
-    model = strategy.build_model(lambda: build_default_model(config, scenario))
+    model = strategy.build_model(build or (lambda: build_default_model(config, scenario)))
     random_init = accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size)
     rows: list[list[float]] = []
     seconds: list[float] = []
@@ -212,35 +229,28 @@ def _write_outputs(out: Path, config: ContinualConfig, scenario: Scenario, model
     write_json(out / "metrics.json", metrics)
 
 
+def _checkpoints(out: Path) -> CheckpointDir:
+    return CheckpointDir(out / "checkpoints", "exp", width=3)
+
+
 def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: Strategy,
                      rows: list[list[float]], seconds: list[float]) -> None:
     """checkpoints/exp-XXX: model and strategy tensors (safetensors), loop and strategy state (JSON)."""
     if out is None:
         return
-    root = out / "checkpoints"
-    folder = root / f"exp-{index:03d}"
-    tmp = root / f".tmp-exp-{index:03d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors(tmp / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
-    tensors = {k: v.clone() for k, v in strategy.state_tensors().items()}
-    tensors["__torch_rng"] = torch.get_rng_state()
-    save_safetensors(tmp / "strategy.safetensors", tensors)
-    write_json(tmp / "state.json", {"finished": index + 1, "accuracy_matrix": rows, "experience_seconds": seconds,
-                                    "strategy": strategy.state_meta()})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    write_text(root / "LATEST", folder.name + "\n")
-    for old in root.glob("exp-*"):
-        if old.name != folder.name:
-            shutil.rmtree(old, ignore_errors=True)
+    with _checkpoints(out).write(index) as folder:
+        save_safetensors(folder / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
+        tensors = {k: v.clone() for k, v in strategy.state_tensors().items()}
+        tensors["__torch_rng"] = torch.get_rng_state()
+        save_safetensors(folder / "strategy.safetensors", tensors)
+        write_json(folder / "state.json", {"finished": index + 1, "accuracy_matrix": rows,
+                                           "experience_seconds": seconds, "strategy": strategy.state_meta()})
 
 
 def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[int, list[list[float]], list[float]]:
-    latest = out / "checkpoints" / "LATEST"
-    if not latest.exists():
+    folder = _checkpoints(out).latest()
+    if folder is None:
         return 0, [], []
-    folder = out / "checkpoints" / latest.read_text().strip()
     state = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "strategy.safetensors"))
     rng = tensors.pop("__torch_rng")
@@ -263,5 +273,5 @@ def run(scenario: str | Scenario, strategy: str = "finetune", *, epochs: int | N
     if epochs is not None:
         train["epochs"] = epochs
     name = scenario.name if isinstance(scenario, Scenario) else scenario
-    cfg = ContinualConfig(scenario=name, strategy=strategy, arch=arch, seed=seed, train=train, **run_opts)
+    cfg = ContinualConfig(scenario=name, strategy=strategy, arch=arch, train={**train, "seed": seed}, **run_opts)
     return run_continual(cfg, out, scenario=scenario if isinstance(scenario, Scenario) else None)

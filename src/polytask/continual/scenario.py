@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.tasks import Inputs, InputSpec, MultiTaskData, Task, _index, _infer_spec, _tensor
+from polytask.sampling import concat_data
+from polytask.tasks import Inputs, InputSpec, MultiTaskData, Task, TaskSuite, _index, _infer_spec, _tensor
 
 Kind = Literal["class-incremental", "task-incremental", "domain-incremental"]
 KINDS: tuple[str, ...] = ("class-incremental", "task-incremental", "domain-incremental")
@@ -164,6 +165,18 @@ class Scenario:
                    description=f"{len(groups)} experiences of classes {groups} ({kind})")
 
     @classmethod
+    def from_suite(cls, suite: TaskSuite) -> Scenario:
+        """Task-incremental: one experience per task of ``suite``, holding the samples labelled for it
+        (each task keeps its own head; the task id picks it at test time)."""
+        exps = []
+        for i, task in enumerate(suite.tasks):
+            parts = [split.subset(split.mask[task.name].nonzero().flatten()).select_tasks([task.name])
+                     for split in (suite.train, suite.test)]
+            exps.append(Experience(parts[0], parts[1], [task.name], (), i, task.name))
+        return cls(suite.name, "task-incremental", list(suite.tasks), suite.input_spec, exps,
+                   description=f"one experience per task of suite {suite.name!r} (task-incremental)")
+
+    @classmethod
     def from_datasets(cls, experiences: Sequence[tuple[MultiTaskData, MultiTaskData]], tasks: Sequence[Task],
                       input_spec: InputSpec, *, kind: str = "domain-incremental", name: str = "custom",
                       task_free: bool = False) -> Scenario:
@@ -196,27 +209,3 @@ def _stratified_split(y: Tensor, test_fraction: float, seed: int) -> tuple[Tenso
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return torch.cat(train).sort().values, torch.cat(test).sort().values
-
-
-def concat_data(parts: Sequence[MultiTaskData], tasks: Sequence[str]) -> MultiTaskData:
-    """Concatenate datasets; a task missing from a part gets zero labels masked out there."""
-    xs = [p.x for p in parts]
-    if isinstance(xs[0], dict):
-        x: Inputs = {k: torch.cat([xx[k] for xx in xs]) for k in xs[0]}  # type: ignore[index]
-    else:
-        x = torch.cat(xs)  # type: ignore[arg-type]
-    y: dict[str, Tensor] = {}
-    mask: dict[str, Tensor] = {}
-    for t in tasks:
-        ref = next(p.y[t] for p in parts if t in p.y)
-        ys, ms = [], []
-        for p in parts:
-            n = len(p)
-            if t in p.y:
-                ys.append(p.y[t])
-                ms.append(p.mask[t])
-            else:
-                ys.append(torch.zeros((n, *ref.shape[1:]), dtype=ref.dtype))
-                ms.append(torch.zeros(n, dtype=torch.bool))
-        y[t], mask[t] = torch.cat(ys), torch.cat(ms)
-    return MultiTaskData(x, y, mask)

@@ -14,7 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor
 
-from polytask.continual.scenario import Experience, Scenario, concat_data
+from polytask.continual.scenario import Experience, Scenario
+from polytask.sampling import concat_data
 from polytask.errors import PolytaskError
 from polytask.registry import SCENARIOS, SUITES
 from polytask.tasks import InputSpec, MultiTaskData, Task

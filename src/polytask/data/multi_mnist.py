@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polytask.data._sources import assemble, cached_arrays, fingerprint, mnist_splits, package_file, shrink
+from polytask.data._sources import assemble, cached_arrays, mnist_splits, shrink
 from polytask.registry import SUITES
+from polytask.sources import fingerprint, package_file
 from polytask.tasks import InputSpec, Task, TaskSuite
 
 _NEAREST = np.floor((np.arange(28) + 0.5) * 36 / 28).astype(np.int64)  # PIL nearest, 36 -> 28

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from polytask.data._sources import (assemble, fingerprint, package_file, seeded_splits, shrink, tokenize_used,
-                                   tweets)
+from polytask.data._sources import assemble, seeded_splits, shrink, tokenize_used, tweets
 from polytask.registry import SUITES
+from polytask.sources import fingerprint, package_file
 from polytask.tasks import InputSpec, Task, TaskSuite
 
 CLASSES = ("negative", "neutral", "positive")

@@ -16,10 +16,11 @@ from typing import Sequence
 
 import torch
 
-from polytask.data._sources import (WORDNET_LEXNAMES, assemble, fingerprint, seeded_splits, shrink, tokenize_used,
-                                   wordnet_files, wordnet_glosses)
+from polytask.data._sources import (WORDNET_LEXNAMES, assemble, seeded_splits, shrink, tokenize_used, wordnet_files,
+                                   wordnet_glosses)
 from polytask.errors import PolytaskError
 from polytask.registry import SUITES
+from polytask.sources import fingerprint
 from polytask.tasks import InputSpec, Task, TaskSuite
 
 POS = ("noun", "verb", "adj", "adv")

@@ -105,9 +105,9 @@ def load_run(path: str | os.PathLike[str]) -> tuple[RunConfig, TaskSuite, nn.Mod
     """Rebuild the suite and model of a finished run directory and load its weights."""
     p = Path(path)
     if not (p / "config.yaml").exists():
-        raise PolytaskError(f"{str(p)!r} is not a polytask run directory (no config.yaml); pass the --out of a train run")
+        raise PolytaskError(f"{str(p)!r} is not a polytask run directory (no config.yaml); pass the out directory of a train run")
     if not (p / "model.safetensors").exists():
-        raise PolytaskError(f"the run in {str(p)!r} did not finish (no model.safetensors); continue it with polytask train --resume {p}")
+        raise PolytaskError(f"the run in {str(p)!r} did not finish (no model.safetensors); continue its training with out={p} resume=True")
     config = RunConfig.from_yaml(p / "config.yaml")
     suite = build_suite(config)
     model = build_model(config, suite)

@@ -15,11 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from polytask.errors import PolytaskError
-from polytask.merging.base import Merger
+from polytask.merging.base import Forward, MergeData, Merger
 from polytask.merging.taskvector import ModelSource, is_mergeable, open_models
-
-#: ``forward(model, params, x, task_index) -> logits``
-Forward = Callable[[nn.Module, dict[str, Tensor], Tensor, int], Tensor]
 
 
 def default_forward(model: nn.Module, params: dict[str, Tensor], x: Tensor, task: int) -> Tensor:
@@ -34,6 +31,14 @@ def entropy(logits: Tensor) -> Tensor:
     """Mean Shannon entropy H(p) = −Σ_c p_c log p_c of the softmax predictions."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1).mean()
+
+
+def model_and_batches(method: str, data: MergeData | None, batches: str) -> tuple[nn.Module, Sequence[Iterable[Any]]]:
+    """``data.model`` and ``data.batches``, or a one-line error saying what ``method`` needs (``batches``: which)."""
+    if data is None or data.model is None or data.batches is None:
+        raise PolytaskError(f"{method} needs data=MergeData(model=..., batches=...): the network the checkpoints "
+                            f"belong to and {batches}")
+    return data.model, data.batches
 
 
 def as_batch_lists(data: Sequence[Iterable[Any]], n_tasks: int | None = None) -> list[list[Any]]:
@@ -119,8 +124,6 @@ class CoefficientMerger(Merger):
     Keeps the optimisation settings and, after :meth:`fit`, the learned ``coefficients``
     [T, blocks], the loss ``history`` and the parameter ``keys`` the blocks follow.
     """
-
-    data_free = False
 
     def __init__(self, *, init: float, steps: int, lr: float, seed: int) -> None:
         self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)

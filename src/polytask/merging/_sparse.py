@@ -1,10 +1,13 @@
 """Generalized task arithmetic: sparsify each task vector, optionally elect signs, add, scale.
 
-TIES, DARE and Model Breadcrumbs differ only in how each τ_t is sparsified (top-k% magnitudes,
+TIES, DARE and Model Breadcrumbs differ only in how each τ_t is sparsified (top magnitudes,
 random drop-and-rescale, or cutting both magnitude tails) and whether the sparsified vectors are
 combined by TIES' sign election + disjoint mean or by a plain sum (task arithmetic):
 
     θ = θ_0 + λ · combine(sparsify(τ_1), ..., sparsify(τ_T))
+
+Every one of them takes its sparsity as ``density``, the fraction of each task vector's entries
+kept, in (0, 1] or [0, 1] (mergekit's ``density``).
 
 Each tensor is merged in blocks of :data:`BLOCK` entries: the T deltas of a block are computed
 into one [T, BLOCK] work buffer (never into the inputs, which may be memory-mapped files),
@@ -32,12 +35,15 @@ from polytask.merging.base import Merger
 
 #: Entries per model per block: a [T, BLOCK] float32 buffer for T = 8 models is 2 MB (cache-sized).
 BLOCK = 1 << 16
+#: λ values tried on the validation split by a benchmark (TIES, with its disjoint mean, has its own).
+LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
-def check_fraction(name: str, value: float, *, open_right: bool = False) -> float:
+def check_fraction(name: str, value: float, *, open_left: bool = False) -> float:
+    """``value`` as a float; a one-line error naming option ``name`` outside [0, 1] ((0, 1] if ``open_left``)."""
     value = float(value)
-    if not (0.0 <= value < 1.0 if open_right else 0.0 <= value <= 1.0):
-        interval = "[0, 1)" if open_right else "[0, 1]"
+    if not (0.0 < value <= 1.0 if open_left else 0.0 <= value <= 1.0):
+        interval = "(0, 1]" if open_left else "[0, 1]"
         raise PolytaskError(f"option {name}={value} is outside {interval}; pass a fraction such as {name}=0.2")
     return value
 
@@ -115,6 +121,7 @@ class SparseTaskArithmetic(Merger):
     """θ = θ_0 + λ · combine(sparsify(τ_t)); subclasses define ``plan`` and ``sparsify`` and set ``sign_consensus``."""
 
     sign_consensus: bool = False
+    lambda_grid = LAMBDA_GRID
 
     def __init__(self, lam: float) -> None:
         self.lam = float(lam)

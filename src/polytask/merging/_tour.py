@@ -16,15 +16,15 @@ def tour_section(out: Path, quick: bool, console: Console) -> list[dict[str, Any
 
     ``quick`` uses three tasks and shorter fine-tuning (a separately cached suite).
     """
-    from polytask.merging._evaluate import evaluate_method
-    from polytask.merging._report import print_table, summary_rows, write_plot
-    from polytask.merging._suites import load_merge_suite
+    from polytask.merging.evaluate import evaluate_merger
+    from polytask.merging.report import print_table, summary_rows, write_plot
+    from polytask.merging.suites import load_merge_suite
 
     options: dict[str, Any] = ({"tasks": ["parity", "mirror", "invert"], "pretrain_epochs": 2, "epochs": 8}
                                if quick else {})
     start = time.perf_counter()
     suite = load_merge_suite("digits-merge", progress=True, **options)
-    runs = [evaluate_method(suite, m, seed=0) for m in TOUR_METHODS]
+    runs = [evaluate_merger(suite, m, seed=0) for m in TOUR_METHODS]
     summary = summary_rows(runs, suite.tasks)
     payload = {"suite": suite.name, "summary": summary,
                "finetuned": {t: {"accuracy": suite.meta["finetuned_accuracy"][t]} for t in suite.tasks},

@@ -6,16 +6,20 @@ test inputs of every task, min_λ Σ_t Σ_{x∈B_t} H(f(θ_m, x)) (Sec. 3.3, ent
 the loss). As in the paper: λ initialised at 0.3, Adam with lr 1e-3, 500 steps; a "layer" here is
 one tensor of the state dict. Coefficients are clamped to [0, 1] after each step (our choice,
 keeping them in the range the paper reports).
+
+Needs ``unlabeled``: ``data.batches[t]`` holds unlabeled input batches of task t, evaluated with
+head ``t`` by ``data.forward``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.merging._learned import CoefficientMerger, Forward, TaskVectorStack, as_batch_lists, entropy
+from polytask.merging._learned import CoefficientMerger, TaskVectorStack, as_batch_lists, entropy, model_and_batches
+from polytask.merging.base import MergeData
 from polytask.merging.taskvector import ModelSource
 from polytask.registry import MERGERS
 
@@ -24,6 +28,10 @@ from polytask.registry import MERGERS
 class AdaMerging(CoefficientMerger):
     """AdaMerging (Yang et al., ICLR 2024): task- or layer-wise coefficients learned by test-time entropy minimisation."""
 
+    needs = frozenset({"unlabeled"})
+    suite_defaults = {"vision": {"steps": 150, "lr": 3e-3}, "text": {"steps": 30, "lr": 1e-2}}
+    data_sizes = {"small": (None, 32), "vision": (None, 16), "text": (4, 8)}
+
     def __init__(self, *, granularity: str = "layer", init: float = 0.3, steps: int = 500, lr: float = 1e-3,
                  seed: int = 0) -> None:
         if granularity not in ("task", "layer"):
@@ -31,14 +39,10 @@ class AdaMerging(CoefficientMerger):
         super().__init__(init=init, steps=steps, lr=lr, seed=seed)
         self.granularity = granularity
 
-    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], *, model: nn.Module | None = None,
-              data: Sequence[Iterable[Any]] | None = None, forward: Forward | None = None) -> dict[str, Tensor]:
-        """``data[t]``: unlabeled input batches of task t (evaluated with head ``t`` by ``forward``)."""
-        if model is None or data is None:
-            raise PolytaskError("adamerging needs model= (the network the checkpoints belong to) and data= "
-                                "(unlabeled input batches, one list per task)")
+    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None) -> dict[str, Tensor]:
+        model, data_batches = model_and_batches("adamerging", data, "unlabeled input batches, one list per task")
         stack = TaskVectorStack(base, finetuned, model)
-        batches = as_batch_lists(data, stack.n_tasks)
+        batches = as_batch_lists(data_batches, stack.n_tasks)
         blocks = 1 if self.granularity == "task" else len(stack.keys)
         return self.fit(stack, model, batches, lambda logits, _batch: entropy(logits), blocks=blocks,
-                        forward=forward, bounds=(0.0, 1.0))
+                        forward=data.forward, bounds=(0.0, 1.0))

@@ -1,4 +1,10 @@
-"""The Merger base class and the streaming file merge.
+"""The Merger base class, what a merger declares it needs, and the streaming file merge.
+
+A merger is called one way, ``merge(base, finetuned, data=None)``. It declares as class attributes
+what it needs beyond the checkpoints (:attr:`Merger.needs`, from :data:`NEEDS`), which λ values
+a benchmark should try (:attr:`Merger.lambda_grid`) and, per suite size class, option defaults and
+how much data to hand over; a harness reads these and fills a :class:`MergeData`, so it knows no
+merger by name.
 
 A data-free merger is a per-tensor rule. Task-vector methods implement
 ``merge_tensor(name, base, deltas)`` (τ_t = θ_t − θ_0 as deltas); weight-space methods
@@ -20,10 +26,11 @@ import json
 import os
 import time
 import zlib
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors
@@ -31,11 +38,52 @@ from polytask.merging.taskvector import Checkpoint, ModelSource, compute_dtype, 
 from polytask.registry import MERGERS
 
 
+#: What a merger may need besides the checkpoints: ``fisher`` (a diagonal Fisher per fine-tuned model),
+#: ``unlabeled`` (unlabeled input batches per task, e.g. test inputs), ``labeled`` (a few (x, y) batches
+#: per task) or ``routing`` (a few input batches per task, their task id as the label).
+NEEDS = frozenset({"fisher", "unlabeled", "labeled", "routing"})
+#: The needs met by batches in :attr:`MergeData.batches` (a merger has at most one).
+BATCH_NEEDS = frozenset({"unlabeled", "labeled", "routing"})
+#: Suite size classes, cheapest first; they key :attr:`Merger.suite_defaults` and :attr:`Merger.data_sizes`.
+SIZE_CLASSES = ("small", "vision", "text")
+
+#: ``forward(model, params, x, task_index) -> logits`` of that task's head on the model run with ``params``
+Forward = Callable[[nn.Module, dict[str, Tensor], Tensor, int], Tensor]
+
+
+@dataclass
+class MergeData:
+    """What a merger gets besides the checkpoints; which fields it reads follows its :attr:`Merger.needs`."""
+
+    model: nn.Module | None = None                       # the network the checkpoints belong to
+    batches: Sequence[Iterable[Any]] | None = None       # one list of batches per task: inputs x or (x, y)
+    forward: Forward | None = None                       # default: run ``model``, a dict output gives its t-th entry
+    features: Callable[[Tensor], Tensor] | None = None   # router input φ(x); default: the flattened input
+    fishers: Sequence[ModelSource] | None = None         # one diagonal Fisher per fine-tuned model
+
+
 class Merger:
     """Base class: combine a base model and N fine-tuned models into one set of weights."""
 
-    #: False for methods that learn from data (they take a model and batches in ``merge``).
+    #: Subset of :data:`NEEDS`; empty for a data-free rule.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: False when ``merge`` needs batches (set from :attr:`needs`; Fisher merging takes Fishers as an option too).
     data_free: ClassVar[bool] = True
+    #: Values of the option ``lam`` a benchmark tries on the validation split; empty: λ is not tuned.
+    lambda_grid: ClassVar[tuple[float, ...]] = ()
+    #: Per size class (:data:`SIZE_CLASSES`): options a benchmark uses instead of the constructor's defaults.
+    suite_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Per size class: (batches per task, None for all; batch size) of the data a benchmark hands over.
+    data_sizes: ClassVar[Mapping[str, tuple[int | None, int]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.needs <= NEEDS or len(cls.needs & BATCH_NEEDS) > 1:
+            raise TypeError(f"{cls.__name__}.needs must be a subset of {sorted(NEEDS)} with at most one of "
+                            f"{sorted(BATCH_NEEDS)}, not {sorted(cls.needs)}")
+        if cls.needs and set(cls.data_sizes) != set(SIZE_CLASSES):
+            raise TypeError(f"{cls.__name__} needs data: give data_sizes for each size class {SIZE_CLASSES}")
+        cls.data_free = not cls.needs & BATCH_NEEDS
 
     def merge_tensor(self, name: str, base: Tensor, deltas: list[Tensor]) -> Tensor:
         """Merged weights of tensor ``name`` from the base and the task vectors' entries (``deltas`` may be
@@ -46,13 +94,16 @@ class Merger:
         """Merged weights of tensor ``name`` from the base and the fine-tuned weights."""
         return self.merge_tensor(name, base, [m - base for m in models])
 
-    def prepare(self, base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    def prepare(self, base: Checkpoint, models: Sequence[Checkpoint], data: MergeData | None) -> None:
         """Hook run once the inputs are open and checked (e.g. to open Fisher files)."""
 
-    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource]) -> dict[str, Tensor]:
-        """Merge state dicts, files or folders tensor by tensor; returns the merged state dict."""
+    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None) -> dict[str, Tensor]:
+        """Merge state dicts, files or folders tensor by tensor; returns the merged state dict.
+
+        ``data`` carries what :attr:`needs` names; a rule that needs nothing ignores it.
+        """
         base_ck, models = open_models(base, finetuned)
-        self.prepare(base_ck, models)
+        self.prepare(base_ck, models, data)
         out: dict[str, Tensor] = {}
         for key in base_ck.keys():
             value = base_ck.get(key)
@@ -79,7 +130,8 @@ def merge_files(method: str, base_path: ModelSource, finetuned_paths: Sequence[M
     merger = MERGERS.create(method, **options)
     if not merger.data_free:
         free = ", ".join(n for n in MERGERS.names() if MERGERS.get(n).data_free)
-        raise PolytaskError(f"merger {method!r} learns from data; call it from Python with a model and batches, "
+        raise PolytaskError(f"merger {method!r} learns from data; call its merge from Python with "
+                            f"data=MergeData(model=..., batches=...), "
                             f"or pick a data-free merger: {free}")
     merged = merger.merge(base_path, finetuned_paths)
     meta = {"polytask_merger": method, "polytask_options": json.dumps(options, default=str)}

@@ -12,7 +12,9 @@ The diagonal Fisher F = E_x E_{y~p_θ(y|x)} [(∇_θ log p_θ(y|x))²] is estima
 :func:`diagonal_fisher` from a few input batches, with the expectation over y taken exactly
 (summed over classes weighted by p_θ(y|x)), one per-example gradient per class.
 Fishers are passed precomputed (state dicts or safetensors files, one per fine-tuned model) or as
-a callable ``fishers(i, state_dict_i) -> {name: Fisher}`` called once per fine-tuned model.
+a callable ``fishers(i, state_dict_i) -> {name: Fisher}`` called once per fine-tuned model, either
+as the option ``fishers`` or in ``MergeData(fishers=...)`` (need ``fisher``: a harness computes them
+from a few training inputs of each task); the latter wins.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from polytask.errors import PolytaskError
-from polytask.merging.base import Merger
+from polytask.merging.base import MergeData, Merger
 from polytask.merging.taskvector import Checkpoint, DictCheckpoint, ModelSource, check_compatible, open_checkpoint
 from polytask.registry import MERGERS
 
@@ -64,25 +66,29 @@ def diagonal_fisher(model: nn.Module, batches: Iterable[Tensor],
 class Fisher(Merger):
     """Fisher merging (Matena & Raffel, NeurIPS 2022): θ = Σ F_t θ_t / Σ F_t with diagonal Fishers."""
 
+    needs = frozenset({"fisher"})
+    data_sizes = {"small": (8, 4), "vision": (8, 4), "text": (32, 1)}
+
     def __init__(self, *, fishers: FisherSource | None = None, weights: Sequence[float] | None = None,
                  epsilon: float = 1e-8) -> None:
-        if fishers is None:
-            raise PolytaskError("fisher merging needs fishers: one Fisher file/state dict per fine-tuned model "
-                                "(e.g. --option fishers=[f1.safetensors,f2.safetensors]) or a callable")
         self.fishers = fishers
         self.weights = None if weights is None else [float(w) for w in weights]
         self.epsilon = float(epsilon)
         self._opened: list[tuple[Checkpoint, set[str]]] = []
 
-    def prepare(self, base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    def prepare(self, base: Checkpoint, models: Sequence[Checkpoint], data: MergeData | None) -> None:
         n = len(models)
-        if callable(self.fishers):
-            opened = [DictCheckpoint(self.fishers(i, m.load()), "from the fishers callable") for i, m in enumerate(models)]
+        fishers = data.fishers if data is not None and data.fishers is not None else self.fishers
+        if fishers is None:
+            raise PolytaskError("fisher merging needs fishers: one Fisher file/state dict per fine-tuned model "
+                                "(e.g. fishers=['f1.safetensors', 'f2.safetensors']) or a callable")
+        if callable(fishers):
+            opened = [DictCheckpoint(fishers(i, m.load()), "from the fishers callable") for i, m in enumerate(models)]
         else:
-            if isinstance(self.fishers, (str, bytes)) or len(self.fishers) != n:
+            if isinstance(fishers, (str, bytes)) or len(fishers) != n:
                 raise PolytaskError(f"fishers must list one Fisher per fine-tuned model ({n}); "
-                                    f"got {1 if isinstance(self.fishers, (str, bytes)) else len(self.fishers)}")
-            opened = [open_checkpoint(f) for f in self.fishers]
+                                    f"got {1 if isinstance(fishers, (str, bytes)) else len(fishers)}")
+            opened = [open_checkpoint(f) for f in fishers]
         if self.weights is not None and len(self.weights) != n:
             raise PolytaskError(f"weights must give one number per fine-tuned model ({n}); got {len(self.weights)}")
         base_keys = set(base.keys())

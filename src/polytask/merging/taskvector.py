@@ -144,7 +144,7 @@ def open_checkpoint(source: ModelSource, label: str | None = None) -> Checkpoint
             return SafetensorsCheckpoint(shards, name)
         if (path / "config.yaml").is_file():
             raise PolytaskError(f"the run in {str(path)!r} did not finish (no model.safetensors); "
-                                f"continue it with polytask train --resume {path}")
+                                f"continue its training with out={path} resume=True")
         raise PolytaskError(f"{str(path)!r} holds no model.safetensors or model.safetensors.index.json; "
                             f"pass a .safetensors file, a Hugging Face model folder or a polytask run directory")
     raise PolytaskError(f"model {str(path)!r} does not exist; pass a .safetensors file, a Hugging Face model folder "

@@ -8,15 +8,16 @@ Merging", NeurIPS 2024.
    a few samples per task with the task id as label.
 4. Inference, per input: θ(x) = θ_s + Σ_t w_t(x) · SVD_r(v_t)  (the dynamic merge of Sec. 3).
 
+Needs ``routing``: ``data.batches[t]`` holds a few input batches (or ``(x, y)`` batches) of task t.
 φ defaults to the flattened input; the paper routes on the shared model's representation, which
-you get by passing ``features=`` (e.g. a frozen encoder). :class:`TwinMergedModel` performs the
+you get by passing ``data.features`` (e.g. a frozen encoder). :class:`TwinMergedModel` performs the
 per-input merge with ``torch.vmap`` and keeps the T exclusive parts dense, so it suits models
 whose T copies fit in memory. Rank 16, 200 router steps and lr 1e-2 are our defaults.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from polytask.errors import PolytaskError
-from polytask.merging.base import Merger
-from polytask.merging._learned import as_batch_lists
+from polytask.merging._learned import as_batch_lists, model_and_batches
+from polytask.merging.base import MergeData, Merger
 from polytask.merging.taskvector import ModelSource, is_mergeable, open_models
 from polytask.registry import MERGERS
 
@@ -74,7 +75,8 @@ class TwinMergedModel(nn.Module):
 class TwinMerging(Merger):
     """Twin-Merging (Lu et al., NeurIPS 2024): shared merge + SVD-compressed exclusive parts mixed per input by a router."""
 
-    data_free = False
+    needs = frozenset({"routing"})
+    data_sizes = {"small": (4, 16), "vision": (4, 16), "text": (4, 16)}
 
     def __init__(self, *, shared: str = "ties", shared_options: dict[str, Any] | None = None, rank: int = 16,
                  steps: int = 200, lr: float = 1e-2, seed: int = 0) -> None:
@@ -85,18 +87,14 @@ class TwinMerging(Merger):
         self.rank, self.steps, self.lr, self.seed = int(rank), int(steps), float(lr), int(seed)
         self.history: list[float] = []
 
-    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], *, model: nn.Module | None = None,
-              data: Sequence[Iterable[Any]] | None = None,
-              features: Callable[[Tensor], Tensor] | None = None) -> TwinMergedModel:  # type: ignore[override]
-        """``data[t]``: a few input batches (or ``(x, y)`` batches) of task t for training the router."""
-        if model is None or data is None:
-            raise PolytaskError("twin-merging needs model= (the network the checkpoints belong to) and data= "
-                                "(a few input batches per task to train the router)")
+    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource],
+              data: MergeData | None = None) -> TwinMergedModel:  # type: ignore[override]
+        model, data_batches = model_and_batches("twin-merging", data, "a few input batches per task to train the router")
         shared_merger = MERGERS.create(self.shared, **self.shared_options)
         if not shared_merger.data_free:
             raise PolytaskError(f"shared={self.shared!r} learns from data; pick a data-free merger such as ties or task-arithmetic")
         base_ck, models = open_models(base, finetuned)
-        batches = as_batch_lists(data, len(models))
+        batches = as_batch_lists(data_batches, len(models))
         shared_sd = shared_merger.merge(base_ck, models)
         keys = [k for k in base_ck.keys() if is_mergeable(base_ck.meta(k)[1])]
         shared = {k: shared_sd[k].float() for k in keys}
@@ -107,7 +105,7 @@ class TwinMerging(Merger):
                 v = m.get(k).float() - shared[k]
                 parts.append(truncated_svd(v, self.rank) if v.dim() == 2 else v)
             exclusive[k] = torch.stack(parts)
-        phi = features or _flatten
+        phi = data.features or _flatten
         xs = [b[0] if isinstance(b, (tuple, list)) else b for task in batches for b in task]
         ids = [t for t, task in enumerate(batches) for b in task for _ in range((b[0] if isinstance(b, (tuple, list)) else b).shape[0])]
         with torch.no_grad():

@@ -6,7 +6,7 @@ Every architecture puts its shared and task-specific blocks on top of a backbone
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         if spec.kind != "image":
             raise PolytaskError(f"backbone 'cnn' takes image inputs, not {spec.kind}; "
-                                "omit --backbone to use the default for this suite")
+                                "omit backbone= to use the default for this suite")
         c_in = spec.shape[0]
         blocks: list[nn.Module] = []
         for c in channels:
@@ -72,7 +72,7 @@ class RecsysEmbedding(nn.Module):
         super().__init__()
         if spec.kind != "recsys":
             raise PolytaskError(f"backbone 'embedding' takes recsys inputs, not {spec.kind}; "
-                                "omit --backbone to use the default for this suite")
+                                "omit backbone= to use the default for this suite")
         self.fields = nn.ModuleList(nn.Embedding(v, embedding_dim) for v in spec.field_vocab)
         self.items = nn.Embedding(max(spec.item_vocab, 1), embedding_dim, padding_idx=0)
         self.embedding_dim = embedding_dim
@@ -97,8 +97,18 @@ class RecsysEmbedding(nn.Module):
         return torch.cat(parts, 1)
 
 
-def build_backbone(spec: InputSpec, name: str = "auto", **options: object) -> nn.Module:
-    """Create the backbone ``name`` (``auto`` picks the default for the input kind)."""
+#: a backbone by registered name, or a ready module with an ``out_dim`` (e.g. a pretrained body)
+Backbone = Union[str, nn.Module]
+
+
+def build_backbone(spec: InputSpec, name: Backbone = "auto", **options: object) -> nn.Module:
+    """Create the backbone ``name`` (``auto`` picks the default for the input kind); a module is used as is."""
+    if isinstance(name, nn.Module):
+        if options:
+            raise PolytaskError("backbone options apply to a backbone given by name, not to a module")
+        if not isinstance(getattr(name, "out_dim", None), int):
+            raise PolytaskError(f"a backbone module must have an integer out_dim; {type(name).__name__} has none")
+        return name
     if name == "auto":
         name = DEFAULT_BACKBONE[spec.kind]
     return BACKBONES.create(name, spec, **options)

@@ -20,7 +20,7 @@
 
 ``finetune="frozen"`` (the default) keeps the pretrained encoder outside the module's parameters and
 state dict (it is reloaded from the package), and with ``cache=True`` encodes each distinct sample
-once, on disk (see :mod:`polytask.data._features`).
+once, on disk (see :mod:`polytask.models.features`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
+from polytask.models.features import FeatureCache, featurize
 from polytask.registry import BACKBONES
+from polytask.sources import efficientnet_lite0_weights, minilm_dir, missing, require_module
 from polytask.tasks import Inputs, InputSpec
 
 Finetune = Literal["frozen", "full", "lora"]
@@ -60,6 +62,8 @@ class _Shared:
 class PretrainedEncoder(nn.Module):
     """Shared plumbing: a frozen encoder hidden from the state dict, or a trainable submodule."""
 
+    featurize = staticmethod(featurize)  # what a suite's ``features=<name>`` option finds through the registry
+
     def attach(self, name: str, encoder: nn.Module, finetune: str, out_dim: int, cache: bool,
                identity: dict[str, Any]) -> None:
         """Install ``encoder``: hidden and frozen (optionally cached), or as a trainable submodule."""
@@ -71,8 +75,6 @@ class PretrainedEncoder(nn.Module):
             encoder.eval()
             self._frozen: _Shared | None = _Shared(encoder)  # not a submodule: not in parameters() or state_dict
             if cache:
-                from polytask.data._features import FeatureCache
-
                 self.feature_cache = FeatureCache.for_encoder(name, out_dim, identity)
         else:
             self._frozen = None
@@ -116,8 +118,6 @@ class MiniLM(PretrainedEncoder):
     def __init__(self, spec: InputSpec, *, finetune: Finetune = "frozen", r: int = 8, alpha: float = 16.0,
                  lora_dropout: float = 0.0, target_modules: Sequence[str] = ("query", "value"),
                  normalize: bool = False, cache: bool = True) -> None:
-        from polytask.data._sources import minilm_dir, require_module
-
         if spec.kind != "tokens":
             raise PolytaskError(f"backbone 'minilm' takes token inputs, not {spec.kind}; use a text suite such as wordnet")
         _check_finetune("minilm", finetune, ("frozen", "full", "lora"))
@@ -132,8 +132,6 @@ class MiniLM(PretrainedEncoder):
         hf_logging.disable_progress_bar()
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         if finetune == "lora":
-            from polytask.data._sources import missing
-
             try:
                 from peft import LoraConfig, get_peft_model
             except ImportError as exc:
@@ -166,8 +164,6 @@ class EfficientNetLite0(PretrainedEncoder):
 
     def __init__(self, spec: InputSpec, *, finetune: Literal["frozen", "full"] = "frozen", image_size: int = 64,
                  normalize: Literal["lite", "imagenet"] = "lite", cache: bool = True) -> None:
-        from polytask.data._sources import efficientnet_lite0_weights
-
         if spec.kind != "image" or len(spec.shape) != 3 or spec.shape[0] not in (1, 3):
             raise PolytaskError(f"backbone 'efficientnet-lite0' takes 1- or 3-channel images, not {spec.kind} {spec.shape}")
         _check_finetune("efficientnet-lite0", finetune, ("frozen", "full"))
@@ -202,6 +198,21 @@ class EfficientNetLite0(PretrainedEncoder):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return self.net.extract_features(x).mean((2, 3))
+
+    def stem(self, x: Tensor, blocks: int = 0) -> Tensor:
+        """Normalised 3-channel images through the stem convolution, its BatchNorm and activation, then
+        the first ``blocks`` MBConv blocks (the input of :meth:`tail` with ``start=blocks``)."""
+        net = self.net
+        h = net._swish(net._bn0(net._conv_stem(x)))
+        for block in list(net._blocks)[:blocks]:
+            h = block(h)
+        return h
+
+    def tail(self, start: int) -> tuple[list[nn.Module], nn.Module, nn.Module, nn.Module]:
+        """The network's own modules after :meth:`stem`: MBConv blocks ``start``.., the 1x1 head
+        convolution, its BatchNorm and the activation (features = act(bn(conv(blocks(h)))), pooled)."""
+        net = self.net
+        return list(net._blocks)[start:], net._conv_head, net._bn1, net._swish
 
 
 def _file_id(path: Path) -> dict[str, object]:

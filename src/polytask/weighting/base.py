@@ -7,13 +7,34 @@ the shared part, combine them, and hand the result back with :meth:`GradContext.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Sequence
+from contextlib import AbstractContextManager
+from typing import ClassVar, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from polytask.errors import PolytaskError
+
 GradSource = Literal["none", "params", "rep"]
+
+
+@runtime_checkable
+class SharedPart(Protocol):
+    """What ``params`` mode needs of a model: which parameters all its tasks share."""
+
+    def shared_parameters(self) -> list[nn.Parameter]: ...
+
+
+@runtime_checkable
+class RepresentationCut(SharedPart, Protocol):
+    """What ``rep`` mode needs as well: a forward inside ``representation_cut()`` records the
+    shared representation ``last_rep`` and the detached leaf ``rep_leaf`` the task side reads."""
+
+    last_rep: Tensor | None
+    rep_leaf: Tensor | None
+
+    def representation_cut(self) -> AbstractContextManager[None]: ...
 
 
 def _all_reduce_mean(t: Tensor) -> Tensor:
@@ -24,9 +45,12 @@ def _all_reduce_mean(t: Tensor) -> Tensor:
 class GradContext:
     """Gives a weighting access to per-task gradients of the shared part for one step.
 
-    ``mode="params"``: gradients w.r.t. the shared parameters (exact, [T, D] with D the
-    shared parameter count). ``mode="rep"``: gradients w.r.t. the shared representation
-    the architecture marks with ``boundary`` (cheaper; [T, B*R]).
+    ``mode="params"``: gradients w.r.t. the model's ``shared_parameters()`` (exact, [T, D]
+    with D the shared parameter count). ``mode="rep"``: gradients w.r.t. the shared
+    representation the model marks in forwards run inside ``model.representation_cut()``
+    (cheaper; [T, B*R]). Both contracts (:class:`SharedPart`, :class:`RepresentationCut`) are
+    what ``polytask.models.arch.base.Architecture`` provides; a model without the one its mode
+    needs is refused here, in one line naming ``weighting`` when given.
 
     Rows come from batched vector-Jacobian products (``is_grads_batched``) of at most
     ``task_chunk`` tasks each. The default picks by device: one pass per task on CPU,
@@ -44,17 +68,18 @@ class GradContext:
     are averaged.
     """
 
-    def __init__(self, model: nn.Module, mode: GradSource = "params", task_chunk: int | None = None) -> None:
+    def __init__(self, model: nn.Module, mode: GradSource = "params", task_chunk: int | None = None, *,
+                 weighting: str | None = None) -> None:
         if mode not in ("params", "rep"):
             raise ValueError(f"GradContext mode must be 'params' or 'rep', not {mode!r}")
         if task_chunk is not None and task_chunk < 1:
             raise ValueError(f"task_chunk must be at least 1, got {task_chunk}")
+        _check_contract(model, mode, weighting)
         self.model = model
         self.mode = mode
         self.task_chunk = task_chunk
         self.distributed = dist.is_available() and dist.is_initialized()
-        shared = getattr(model, "shared_parameters", None)
-        params = [p for p in (shared() if shared else model.parameters()) if p.requires_grad]
+        params = [p for p in model.shared_parameters() if p.requires_grad]
         self.shared = params
         self.shared_size = sum(p.numel() for p in params)
         ids = {id(p) for p in params}
@@ -69,9 +94,9 @@ class GradContext:
 
     def _targets(self) -> list[Tensor]:
         if self.mode == "rep":
-            leaf = getattr(self.model, "rep_leaf", None)
+            leaf = self.model.rep_leaf
             if leaf is None:
-                raise RuntimeError("rep mode needs an architecture that marks its shared representation with boundary()")
+                raise RuntimeError("rep mode needs this step's forward to run inside model.representation_cut()")
             return [leaf]
         return self.shared
 
@@ -141,6 +166,19 @@ class GradContext:
             for p in touched:
                 if p.grad is not None:
                     _all_reduce_mean(p.grad)
+
+
+def _check_contract(model: nn.Module, mode: GradSource, weighting: str | None = None) -> None:
+    """Refuse, in one line, a model that cannot give ``mode`` gradients of its shared part."""
+    who = f"weighting {weighting!r}" if weighting else f"GradContext mode {mode!r}"
+    name = type(model).__name__
+    fix = "subclass polytask.models.arch.base.Architecture or use a loss weighting such as 'ew'"
+    if mode == "rep" and not isinstance(model, RepresentationCut):
+        raise PolytaskError(f"{who} needs per-task gradients of the shared representation, but {name} is not a "
+                            f"polytask Architecture (no representation_cut()); {fix}")
+    if not isinstance(model, SharedPart):
+        raise PolytaskError(f"{who} needs per-task gradients of the shared part, but {name} is not a polytask "
+                            f"Architecture (no shared_parameters()); {fix}")
 
 
 def _add_flat_grad(params: list[nn.Parameter], flat: Tensor) -> None:

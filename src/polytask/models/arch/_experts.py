@@ -7,10 +7,8 @@
 - :class:`ExtractionNetwork`: the progressive layered extraction of PLE (Tang et al.,
   RecSys 2020); with one level it is CGC.
 
-Diagnostics: the expert architectures keep ``last_gates`` (per task, the detached [B, K]
-gate weights of the last forward), ``last_expert_activations`` (per expert name, its
-detached [B, d] output before aggregation) and ``expert_groups()`` (``"shared"`` and each
-task name -> indices of those experts in the task gates).
+Diagnostics (``last_gates``, ``last_expert_activations``, ``expert_groups()``) are declared by
+:class:`~polytask.models.arch.diagnostics.ExpertDiagnostics`.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.models.arch.base import Architecture
+from polytask.models.arch.diagnostics import ExpertDiagnostics
 from polytask.models.backbones import mlp
 from polytask.tasks import Inputs, InputSpec, Task
 
@@ -95,7 +94,7 @@ class _ExtractionLevel(nn.Module):
         self.shared_gate = None if last else nn.Linear(in_dim, len(task_names) * num_task + num_shared)
 
 
-class ExtractionNetwork(Architecture):
+class ExtractionNetwork(ExpertDiagnostics, Architecture):
     """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
 
     Level j has per-task experts E_k (reading task k's input g^{k,j-1}) and shared experts
@@ -136,8 +135,6 @@ class ExtractionNetwork(Architecture):
             if num_levels > 1:
                 self.mark_task_specific(t, self.levels[-2].gates[t])
         self.make_heads(expert[-1], tower)
-        self.last_gates: dict[str, Tensor] = {}
-        self.last_expert_activations: dict[str, Tensor] = {}
 
     def expert_groups(self) -> dict[str, list[int]]:
         """Indices in each task gate: the task's own experts first, then the shared ones."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from polytask.models.arch._experts import ExtractionNetwork
+from polytask.models.backbones import Backbone
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import InputSpec, Task
 
@@ -25,7 +26,7 @@ class CGC(ExtractionNetwork):
     [backbone output, shared expert outputs] as the shared representation.
     """
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, num_shared_experts: int = 2,
                  num_task_experts: int = 1, expert: Sequence[int] = (16,), tower: Sequence[int] = (8,)) -> None:
         super().__init__(tasks, input_spec, backbone, backbone_options, 1, num_shared_experts,

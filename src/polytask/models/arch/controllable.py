@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.models.arch._slimmable import SlimmableMLP
+from polytask.models.backbones import Backbone
 from polytask.models.arch.base import Architecture
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, MultiTaskData, Task
@@ -63,21 +64,14 @@ EXHAUSTIVE_LIMIT = 100_000
 
 def output_distillation(task: Task, student: Tensor, teacher: Tensor) -> Tensor:
     """D_t(student, teacher): KL(teacher || student) for classification, squared error for regression."""
-    if task.kind == "multiclass":
-        return F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), reduction="batchmean", log_target=True)
-    if task.kind in ("binary", "multilabel"):
-        p = torch.sigmoid(teacher)
-        kl = (p * (F.logsigmoid(teacher) - F.logsigmoid(student))
-              + (1 - p) * (F.logsigmoid(-teacher) - F.logsigmoid(-student)))
-        return kl.sum(-1).mean()
-    return F.mse_loss(student, teacher)
+    return task.kind_impl.output_kl(student, teacher)
 
 
 @ARCHITECTURES.register("controllable")
 class Controllable(Architecture):
     """Controllable MTL: slimmable encoder and decoders, widths chosen from task importances and a FLOPs budget (Aich et al. 2023)."""
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, encoder: Sequence[int] = (64, 64),
                  rep_dim: int = 64, decoder: Sequence[int] = (32,),
                  widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), num_sampled: int = 2,
@@ -102,7 +96,6 @@ class Controllable(Architecture):
             [[[(enc[e] + dec[d]) / (enc[-1] + dec[-1]) for d in range(len(grid))] for e in range(len(grid))]
              for dec in full]))
         self.active: Config = self.full_config()
-        self.aux_loss: Tensor | None = None
 
     # ------------------------------------------------------------------ configurations
     def full_config(self) -> Config:
@@ -258,13 +251,12 @@ class Controllable(Architecture):
     def forward(self, x: Inputs) -> dict[str, Tensor]:
         h = self.backbone(x)
         if not self.training:
-            self.aux_loss = None
             z = self.boundary(self.encoder(h, self.active["encoder"]))
             return {t: head(z, self.active["decoders"][t]) for t, head in self.heads.items()}
         rep = self.encoder(h)
         z = self.boundary(rep)
         out = {t: head(z) for t, head in self.heads.items()}
         configs = self.sample_configs()
-        self.aux_loss = (self._distill(h, rep.detach(), {t: o.detach() for t, o in out.items()}, configs)
-                         if configs else None)
+        if configs:
+            self.aux_loss = self._distill(h, rep.detach(), {t: o.detach() for t, o in out.items()}, configs)
         return out

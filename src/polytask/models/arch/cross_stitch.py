@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.models.arch.base import Architecture
-from polytask.models.backbones import mlp
+from polytask.models.arch.diagnostics import ExpertDiagnostics
+from polytask.models.backbones import Backbone, mlp
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
 
@@ -36,7 +37,7 @@ def stitch_init(num_tasks: int, alpha_self: float) -> Tensor:
 
 
 @ARCHITECTURES.register("cross-stitch")
-class CrossStitch(Architecture):
+class CrossStitch(ExpertDiagnostics, Architecture):
     """Cross-stitch networks: one column per task, learned linear mixing of the columns after every layer (Misra et al. 2016).
 
     Shared: the backbone and the cross-stitch units (alpha). Task-specific: each task's column
@@ -53,7 +54,7 @@ class CrossStitch(Architecture):
     column index (``"shared"`` is empty: there are no shared experts).
     """
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, column: Sequence[int] = (32, 16),
                  tower: Sequence[int] = (), alpha_self: float = 0.9) -> None:
         super().__init__(tasks, input_spec, backbone, backbone_options)
@@ -69,8 +70,6 @@ class CrossStitch(Architecture):
         n = len(self.task_names)
         self.alphas = nn.ParameterList(nn.Parameter(stitch_init(n, alpha_self)) for _ in column)
         self.make_heads(column[-1], tower)
-        self.last_gates: dict[str, Tensor] = {}
-        self.last_expert_activations: dict[str, Tensor] = {}
 
     def expert_groups(self) -> dict[str, list[int]]:
         """Index of each task's own column in its row of the cross-stitch unit."""

@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.models.arch._experts import mix
+from polytask.models.arch._experts import mix, stack_outputs
 from polytask.models.arch.base import Architecture
-from polytask.models.backbones import mlp
+from polytask.models.arch.diagnostics import ExpertDiagnostics
+from polytask.models.backbones import Backbone, mlp
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import InputSpec, Task
 
@@ -84,14 +85,18 @@ class ConditionalTransformer(nn.Module):
 
 
 @ARCHITECTURES.register("dtrn")
-class DTRN(Architecture):
+class DTRN(ExpertDiagnostics, Architecture):
     """DTRN: task-specific bottom representations from a hypernetwork-conditioned interest module and per-task SENets (Liu et al. 2023).
 
     Needs recsys inputs (categorical fields and behaviour sequences). See the module
     docstring for the equations, the choices made and which parameters are task-specific.
+
+    Diagnostics (``top="mmoe"``; empty with towers): ``last_gates[task]`` is [B, K] over the K
+    shared experts; they run on each task's own R_t, so ``last_expert_activations`` names them
+    ``<task>/shared/i``; ``expert_groups()`` gives every expert to ``"shared"``.
     """
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, task_dim: int = 8, behaviour_dim: int = 8,
                  hyper_hidden: int = 32, num_heads: int = 2, ffn_dim: int = 32, se_reduction: int = 2,
                  top: Literal["towers", "mmoe"] = "towers", num_experts: int = 4, expert: Sequence[int] = (32,),
@@ -135,7 +140,11 @@ class DTRN(Architecture):
             self.mark_task_specific(t, self.task_embeddings[t], self.senets[t])
             if top == "mmoe":
                 self.mark_task_specific(t, self.gates[t])
-        self.last_gates: dict[str, Tensor] = {}
+
+    def expert_groups(self) -> dict[str, list[int]]:
+        """Indices in each task gate: every expert is shared; no task has its own."""
+        shared = list(range(len(self.experts))) if self.top == "mmoe" else []
+        return {"shared": shared, **{t: [] for t in self.task_names}}
 
     def conditional_parameters(self) -> Tensor:
         """[T, S, 4, E] hypernetwork output: (γ¹, β¹, γ², β²) for every task and behaviour type."""
@@ -174,9 +183,11 @@ class DTRN(Architecture):
         if self.top == "towers":
             return {t: self.heads[t](reps[t]) for t in self.task_names}
         out: dict[str, Tensor] = {}
+        acts: dict[str, Tensor] = {}
         for t in self.task_names:
-            experts = torch.stack([f(reps[t]) for f in self.experts], 1)  # [B, K, d]
+            experts = stack_outputs(self.experts, reps[t], [f"{t}/shared/{i}" for i in range(len(self.experts))], acts)
             g = self.gates[t](reps[t]).softmax(-1)
             self.last_gates[t] = g.detach()
             out[t] = self.heads[t](mix(g, experts))
+        self.last_expert_activations = acts
         return out

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.models.arch._experts import FeatureGate, expert_net, mix, stack_outputs
+from polytask.models.backbones import Backbone
 from polytask.models.arch.base import Architecture
+from polytask.models.arch.diagnostics import ExpertDiagnostics
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
 
@@ -55,7 +57,7 @@ def default_task_groups(tasks: Sequence[Task]) -> list[list[str]]:
 
 
 @ARCHITECTURES.register("home")
-class HoME(Architecture):
+class HoME(ExpertDiagnostics, Architecture):
     """HoME: normalised Swish experts, category hierarchy mask, feature- and self-gates (Wang et al. 2025).
 
     Shared: backbone, the meta level (hierarchy on), global and category experts. Task-specific:
@@ -72,7 +74,7 @@ class HoME(Architecture):
     ``level1/group<c>/i`` (meta level).
     """
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None,
                  task_groups: Sequence[Sequence[str]] | None = None, num_shared_experts: int = 2,
                  num_group_experts: int = 1, num_task_experts: int = 1, expert: Sequence[int] = (16,),
@@ -125,8 +127,6 @@ class HoME(Architecture):
             if self_gate:
                 self.mark_task_specific(t, self.self_gates[t])
         self.make_heads(d, tower)
-        self.last_gates: dict[str, Tensor] = {}
-        self.last_expert_activations: dict[str, Tensor] = {}
 
     def _check_groups(self, task_groups: Sequence[Sequence[str]] | None) -> list[list[str]]:
         if task_groups is None:

@@ -14,16 +14,17 @@ from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.models.arch.base import Architecture
-from polytask.models.backbones import mlp
+from polytask.models.arch.diagnostics import ExpertDiagnostics
+from polytask.models.backbones import Backbone, mlp
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
 
 
 @ARCHITECTURES.register("mmoe")
-class MMoE(Architecture):
+class MMoE(ExpertDiagnostics, Architecture):
     """Multi-gate Mixture-of-Experts: shared experts, one softmax gate per task (Ma et al. 2018)."""
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, num_experts: int = 8,
                  expert: Sequence[int] = (16,), tower: Sequence[int] = (8,), num_gates: int | None = None) -> None:
         super().__init__(tasks, input_spec, backbone, backbone_options)
@@ -40,8 +41,6 @@ class MMoE(Architecture):
             for name, gate in zip(self.task_names, self.gates):
                 self.mark_task_specific(name, gate)
         self.make_heads(expert[-1], tower)
-        self.last_gates: dict[str, Tensor] = {}
-        self.last_expert_activations: dict[str, Tensor] = {}
 
     def expert_groups(self) -> dict[str, list[int]]:
         """Indices in each task gate: every expert is shared; no task has its own."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from polytask.models.arch._experts import ExtractionNetwork
+from polytask.models.backbones import Backbone
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import InputSpec, Task
 
@@ -28,7 +29,7 @@ class PLE(ExtractionNetwork):
     the shared representation.
     """
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, num_levels: int = 2,
                  num_shared_experts: int = 2, num_task_experts: int = 1, expert: Sequence[int] = (16,),
                  tower: Sequence[int] = (8,)) -> None:

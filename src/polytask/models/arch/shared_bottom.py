@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from polytask.models.arch.base import Architecture
-from polytask.models.backbones import mlp
+from polytask.models.backbones import Backbone, mlp
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
 
@@ -19,7 +19,7 @@ from polytask.tasks import Inputs, InputSpec, Task
 class SharedBottom(Architecture):
     """Hard parameter sharing: a shared bottom MLP and one tower per task (Caruana 1997)."""
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, bottom: Sequence[int] = (64,),
                  tower: Sequence[int] = (32,)) -> None:
         super().__init__(tasks, input_spec, backbone, backbone_options)

@@ -35,16 +35,17 @@ from torch import Tensor, nn
 from polytask.errors import PolytaskError
 from polytask.models.arch._experts import mix, stack_outputs
 from polytask.models.arch.base import Architecture
-from polytask.models.backbones import mlp
+from polytask.models.arch.diagnostics import ExpertDiagnostics
+from polytask.models.backbones import Backbone, mlp
 from polytask.registry import ARCHITECTURES
 from polytask.tasks import Inputs, InputSpec, Task
 
 
 @ARCHITECTURES.register("taskexpert")
-class TaskExpert(Architecture):
+class TaskExpert(ExpertDiagnostics, Architecture):
     """TaskExpert: per-stage shared experts, per-task gates over experts + a task feature memory (Ye & Xu 2023)."""
 
-    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: str = "auto",
+    def __init__(self, tasks: Sequence[Task], input_spec: InputSpec, *, backbone: Backbone = "auto",
                  backbone_options: dict[str, Any] | None = None, num_layers: int = 2, num_experts: int = 4,
                  expert: Sequence[int] = (16,), trunk: int = 32, tower: Sequence[int] = (8,)) -> None:
         super().__init__(tasks, input_spec, backbone, backbone_options)
@@ -63,10 +64,8 @@ class TaskExpert(Architecture):
         for t in self.task_names:
             self.mark_task_specific(t, self.gates[t])
         self.make_heads(expert[-1], tower)
-        self.last_gates: dict[str, Tensor] = {}
         self.last_stage_gates: dict[str, list[Tensor]] = {}
         self.last_memory: dict[str, list[Tensor]] = {}
-        self.last_expert_activations: dict[str, Tensor] = {}
 
     def expert_groups(self) -> dict[str, list[int]]:
         """Indices in each task's last-stage gate: the shared experts, then (from stage 2 on) its memory."""

@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from polytask.data._sources import fingerprint
-from polytask.io import cache_dir
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors
+from polytask.io import cache_dir, save_safetensors
+from polytask.registry import BACKBONES
+from polytask.sources import fingerprint
 from polytask.tasks import Inputs, InputSpec, MultiTaskData, TaskSuite
 
 
@@ -138,11 +138,9 @@ def featurize(suite: TaskSuite, backbone: str, batch_size: int = 128, **options:
     The result has ``InputSpec("features", dim=backbone.out_dim)``, so its default backbone is
     ``identity``; labels, masks and splits are unchanged.
     """
-    from polytask.models.backbones import build_backbone
-
     if options.get("finetune", "frozen") != "frozen":
         raise PolytaskError(f"features are only cached for a frozen backbone; drop finetune={options['finetune']!r}")
-    enc = build_backbone(suite.input_spec, backbone, **options)
+    enc = BACKBONES.create(backbone, suite.input_spec, **options)  # by name: the backbones import this module
     if getattr(enc, "feature_cache", None) is None:
         raise PolytaskError(f"backbone {backbone!r} has no frozen-feature cache; use minilm or efficientnet-lite0")
     enc.eval()

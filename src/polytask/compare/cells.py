@@ -1,0 +1,168 @@
+"""One cell of a comparison: one method of one route (or a reference) at one seed -> its metrics.
+
+Every cell returns the same record: per-task test accuracy, and what the user pays for the
+method — training seconds and gradient steps, the data it needs and when, the parameters stored
+after training, and the parameters and seconds needed to predict every task's test set.
+
+Costs count what each route does from the shared pretrained start θ_0:
+
+* ``individual`` (ceiling): T fine-tuning runs (linear probe, then body + head; the merge suite's
+  LP-FT); T bodies stored and run.
+* ``probe`` (floor): T linear probes on the frozen body; one body stored.
+* joint: one run over all tasks' data at once; one model stored.
+* continual: one run per task, in order, with only the current task's data (plus the strategy's
+  buffer); one model stored.
+* merge: the T fine-tuning runs of ``individual`` plus the merge itself (λ tuned on validation
+  data where the method has a grid); one body stored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from polytask.compare.suite import ComparisonSuite
+from polytask.continual import ContinualConfig, Scenario, run_continual
+from polytask.merging import evaluate_merger
+from polytask.registry import ARCHITECTURES
+from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everything
+
+REFERENCES = ("individual", "probe")
+#: architecture options for the joint route on a pretrained body: linear heads as in the merge suites
+JOINT_ARCH_OPTIONS: dict[str, dict[str, Any]] = {"shared-bottom": {"bottom": [], "tower": []}}
+
+
+def train_config(suite: ComparisonSuite, epochs: int | None, seed: int, **extra: Any) -> TrainConfig:
+    """The fine-tuning settings of the suite's individual models (the epochs replaced by the budget, if given)."""
+    ft = suite.finetune
+    if epochs is not None:
+        ft["epochs"] = epochs
+    return TrainConfig(**ft, seed=seed, progress=False, num_threads=None, **extra)
+
+
+def count(params: Any) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+def _steps(samples: dict[str, int], epochs: int, batch_size: int) -> int:
+    return sum(epochs * math.ceil(n / batch_size) for n in samples.values())
+
+
+def _accuracy(model: nn.Module, suite: ComparisonSuite, batch_size: int) -> tuple[dict[str, float], float]:
+    start = time.perf_counter()
+    res = evaluate_model(model, suite.suite.tasks, suite.suite.test, batch_size)
+    return {t: res[t]["accuracy"] for t in suite.task_names}, time.perf_counter() - start
+
+
+def body_inference_seconds(suite: ComparisonSuite) -> float:
+    """Seconds to predict every task's test set with one body and the task heads (the form of the
+    merged model, the probes and each individual model: one body pass per sample)."""
+    seed_everything(0)
+    model = ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
+                                 bottom=[], tower=[])
+    return _accuracy(model, suite, 256)[1]
+
+
+def _body_sizes(suite: ComparisonSuite) -> tuple[int, int]:
+    """(all parameters of the body, its fine-tuned/merged parameters)."""
+    body = suite.merge.body
+    return count(body.parameters()), count(p for n, p in body.named_parameters() if n in suite.trainable)
+
+
+def _heads(suite: ComparisonSuite) -> int:
+    return count(p for h in suite.merge.heads.values() for p in h.parameters())
+
+
+def joint_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+    """``arch+weighting``: one model on all tasks' data at once (each sample labelled for its own task)."""
+    arch, _, weighting = method.partition("+")
+    seed_everything(seed)
+    model = ARCHITECTURES.create(arch, suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
+                                 **JOINT_ARCH_OPTIONS.get(arch, {}))
+    cfg = train_config(suite, epochs, seed)
+    trainer = Trainer(model, suite.suite.tasks, weighting, cfg)
+    start = time.perf_counter()
+    trainer.fit(suite.suite.train, suite.suite.val)
+    seconds = time.perf_counter() - start
+    acc, infer = _accuracy(model, suite, 256)
+    stored = count(model.parameters())
+    return {"accuracy": acc, "train_seconds": seconds, "gradient_steps": trainer.step,
+            "data_access": "all tasks at once", "stored_parameters": stored,
+            "inference_parameters": stored, "inference_seconds": infer}
+
+
+def continual_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+    """A strategy over one experience per task (task-incremental), starting from θ_0."""
+    cfg = train_config(suite, epochs, seed, restore_best=False)
+    scenario = Scenario.from_suite(suite.suite)
+
+    def model() -> nn.Module:
+        return ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
+                                    bottom=[], tower=[])
+
+    result = run_continual(ContinualConfig(scenario=suite.name, strategy=method, train=cfg), scenario=scenario,
+                           model=model)
+    acc, infer = _accuracy(result.model, suite, 256)
+    buffer = getattr(result.strategy, "buffer", None)
+    access = "one task at a time" + (f" + buffer of {buffer.capacity}" if buffer is not None else "")
+    stored = count(result.model.parameters())
+    return {"accuracy": acc, "train_seconds": result.metrics["train_seconds"],
+            "gradient_steps": _steps(suite.samples(), cfg.epochs, cfg.batch_size), "data_access": access,
+            "stored_parameters": stored, "inference_parameters": stored, "inference_seconds": infer,
+            "forgetting": result.metrics["forgetting"], "backward_transfer": result.metrics["backward_transfer"]}
+
+
+def _finetune_cost(suite: ComparisonSuite) -> tuple[float, int]:
+    """Seconds and gradient steps of the suite's T individual LP-FT runs (recorded when it was built)."""
+    meta = suite.merge.meta
+    probe, train = meta["finetune"]["probe"], meta["finetune"]["train"]
+    samples = suite.samples()
+    steps = _steps(samples, probe["epochs"], probe["batch_size"]) + _steps(samples, train["epochs"], train["batch_size"])
+    return float(sum(meta["task_seconds"].values())), steps
+
+
+def merge_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+    """A merger over the cached fine-tuned bodies (each task keeps its own fine-tuned head)."""
+    run = evaluate_merger(suite.merge, method, seed)
+    seconds, steps = _finetune_cost(suite)
+    body, _ = _body_sizes(suite)
+    access = "none after fine-tuning" + ("; validation split to choose λ" if run.get("tuned") else "")
+    return {"accuracy": {t: run["test"][t]["accuracy"] for t in suite.task_names},
+            "train_seconds": seconds + float(run["seconds"]), "gradient_steps": steps,
+            "merge_seconds": float(run["merge_seconds"]), "data_access": access,
+            "stored_parameters": body + _heads(suite), "inference_parameters": body + _heads(suite),
+            # Twin-Merging merges per input at test time: one body's time would understate its cost
+            "inference_seconds": None if method == "twin-merging" else body_inference_seconds(suite)}
+
+
+def reference_cell(suite: ComparisonSuite, which: str) -> dict[str, Any]:
+    """``individual`` (one fine-tuned body per task) or ``probe`` (the frozen body with linear probes)."""
+    body, tuned = _body_sizes(suite)
+    heads = _heads(suite)
+    meta = suite.merge.meta
+    if which == "individual":
+        seconds, steps = _finetune_cost(suite)
+        stored = body + (len(suite.task_names) - 1) * tuned + heads
+        return {"accuracy": suite.reference("individual"), "train_seconds": seconds, "gradient_steps": steps,
+                "data_access": "one task per model", "stored_parameters": stored,
+                "inference_parameters": stored, "inference_seconds": body_inference_seconds(suite)}
+    probe = meta["finetune"]["probe"]
+    return {"accuracy": suite.reference("probe"), "train_seconds": None,
+            "gradient_steps": _steps(suite.samples(), probe["epochs"], probe["batch_size"]),
+            "data_access": "one task per probe", "stored_parameters": body + heads,
+            "inference_parameters": body + heads, "inference_seconds": body_inference_seconds(suite)}
+
+
+CELLS = {"joint": joint_cell, "continual": continual_cell, "merge": merge_cell}
+
+
+def run_cell(suite: ComparisonSuite, route: str, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+    """The record of one cell; torch is reseeded first, so a cell's numbers do not depend on the others."""
+    seed_everything(seed)
+    with torch.random.fork_rng():
+        record = reference_cell(suite, method) if route == "reference" else CELLS[route](suite, method, seed, epochs)
+    return {"route": route, "method": method, "seed": seed, **record}
