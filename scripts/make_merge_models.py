@@ -15,7 +15,7 @@ import json
 import torch
 import yaml
 
-from polytask.merging._suites import load_merge_suite, suite_names
+from polytask.merging.suites import load_merge_suite, suite_names
 
 
 def main() -> None:

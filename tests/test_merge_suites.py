@@ -68,6 +68,23 @@ def test_task_arithmetic_merge_stays_well_above_chance(suite):
     assert r["tuned"]["lam"] in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 
+def test_harness_hands_a_merger_what_it_declares(suite):
+    from polytask import MERGERS
+    from polytask.merging import Merger
+    from polytask.merging._data import merge_data
+
+    class FewShot(Merger):
+        needs = frozenset({"labeled"})
+        data_sizes = {"small": (2, 8), "vision": (2, 8), "text": (2, 8)}
+
+    data = merge_data(suite, FewShot, seed=0)
+    assert data.model is suite.body and data.fishers is None and len(data.batches) == len(suite.tasks)
+    assert all(len(task) == 2 and len(task[0]) == 2 and task[0][0].shape[0] == 8 for task in data.batches)
+    assert merge_data(suite, MERGERS.get("ties"), seed=0) is None
+    with pytest.raises(TypeError, match="needs must be a subset"):
+        type("Bad", (Merger,), {"needs": frozenset({"labels"})})
+
+
 def test_unknown_suite_and_option_are_one_line_errors():
     with pytest.raises(PolytaskError, match="unknown merge suite 'digits'.*digits-merge, vision-merge"):
         load_merge_suite("digits")

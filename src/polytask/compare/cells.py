@@ -34,6 +34,9 @@ from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everythi
 REFERENCES = ("individual", "probe")
 #: architecture options for the joint route on a pretrained body: linear heads as in the merge suites
 JOINT_ARCH_OPTIONS: dict[str, dict[str, Any]] = {"shared-bottom": {"bottom": [], "tower": []}}
+#: MGDA runs as MGDA-UB (Sener & Koltun 2018, Sec. 3.3): on the shared representation, so a step costs
+#: one backward pass through the body instead of T
+JOINT_WEIGHTING_OPTIONS: dict[str, dict[str, Any]] = {"mgda": {"mode": "rep"}}
 
 
 def train_config(suite: ComparisonSuite, epochs: int | None, seed: int, **extra: Any) -> TrainConfig:
@@ -84,7 +87,7 @@ def joint_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | Non
     model = ARCHITECTURES.create(arch, suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
                                  **JOINT_ARCH_OPTIONS.get(arch, {}))
     cfg = train_config(suite, epochs, seed)
-    trainer = Trainer(model, suite.suite.tasks, weighting, cfg)
+    trainer = Trainer(model, suite.suite.tasks, weighting, cfg, weighting_options=JOINT_WEIGHTING_OPTIONS.get(weighting))
     start = time.perf_counter()
     trainer.fit(suite.suite.train, suite.suite.val)
     seconds = time.perf_counter() - start

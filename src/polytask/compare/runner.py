@@ -29,7 +29,7 @@ from polytask.registry import ARCHITECTURES, MERGERS, STRATEGIES, WEIGHTINGS, ch
 
 ROUTES = ("joint", "continual", "merge")
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
-    "joint": ("shared-bottom+ew", "mmoe+uw", "shared-bottom+pcgrad"),
+    "joint": ("shared-bottom+ew", "mmoe+uw", "shared-bottom+mgda"),
     "continual": ("finetune", "ewc", "replay", "der"),
     "merge": ("task-arithmetic", "ties", "atlas", "twin-merging"),
 }

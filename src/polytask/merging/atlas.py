@@ -42,7 +42,8 @@ class Atlas(CoefficientMerger):
         super().__init__(init=init, steps=steps, lr=lr, seed=seed)
 
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None) -> dict[str, Tensor]:
-        model, data_batches = model_and_batches("atlas", data, "few-shot batches (x, y) or unlabeled x, one list per target task")
+        model, data_batches = model_and_batches("atlas", data,
+                                                "few-shot batches (x, y) or unlabeled x, one list per target task")
         stack = TaskVectorStack(base, finetuned, model)
         batches = as_batch_lists(data_batches)
         return self.fit(stack, model, batches, _few_shot_loss, blocks=len(stack.keys), forward=data.forward)

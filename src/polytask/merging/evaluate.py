@@ -39,7 +39,8 @@ def check_methods(methods: list[str]) -> None:
         raise PolytaskError(f"unknown merging method {bad[0]!r}; choose among: {', '.join(valid)}")
 
 
-def run_merger(suite: MergeSuite, method: str, seed: int = 0, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+def run_merger(suite: MergeSuite, method: str, seed: int = 0,
+               options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Run ``method`` on the suite; returns (merged state dict or routing model, options used)."""
     check_methods([method])
     cls = MERGERS.get(method)

@@ -76,6 +76,7 @@ class TwinMerging(Merger):
     """Twin-Merging (Lu et al., NeurIPS 2024): shared merge + SVD-compressed exclusive parts mixed per input by a router."""
 
     needs = frozenset({"routing"})
+    suite_defaults = {"text": {"steps": 200}}
     data_sizes = {"small": (4, 16), "vision": (4, 16), "text": (4, 16)}
 
     def __init__(self, *, shared: str = "ties", shared_options: dict[str, Any] | None = None, rank: int = 16,

@@ -60,8 +60,8 @@ class SuiteSpec:
     """A merge suite's recipe, registered by name in :data:`~polytask.registry.MERGE_SUITES`.
 
     The keyword-only parameters of :meth:`prepare` are the suite's build options (their defaults
-    are the suite's); :meth:`body` gives the architecture a loaded suite runs. The docstring's
-    first line is the suite's description.
+    are the suite's); :meth:`pretrained_body` gives the architecture a loaded suite runs. The
+    docstring's first line is the suite's description.
     """
 
     name: ClassVar[str]
@@ -77,7 +77,7 @@ class SuiteSpec:
         raise NotImplementedError
 
     @classmethod
-    def body(cls, options: dict[str, Any]) -> nn.Module:
+    def pretrained_body(cls, options: dict[str, Any]) -> nn.Module:
         """The body architecture with its pretrained (package) weights, for every build option resolved;
         the suite's ``base.safetensors`` is loaded over it."""
         raise NotImplementedError
@@ -116,6 +116,7 @@ def suite_names() -> list[str]:
 
 
 def get_spec(name: str) -> type[SuiteSpec]:
+    """The registered :class:`SuiteSpec` of merge suite ``name``, or a one-line error listing the suites."""
     if name not in MERGE_SUITES:
         raise PolytaskError(f"unknown merge suite {name!r}; choose one of: {', '.join(suite_names())}")
     return MERGE_SUITES.get(name)
@@ -203,7 +204,7 @@ def load_merge_suite(name: str, *, progress: bool = True, rebuild: bool = False,
         head = nn.Linear(meta["head_in"], meta["classes"][t])
         head.load_state_dict({"weight": head_sd[f"{t}.weight"], "bias": head_sd[f"{t}.bias"]})
         heads[t] = head.requires_grad_(False).eval()
-    body = spec.body(resolved)
+    body = spec.pretrained_body(resolved)
     body.load_state_dict(load_file(str(directory / "base.safetensors")), strict=False)
     body.requires_grad_(False).eval()
     return MergeSuite(name, directory, tasks, body, heads, data, meta, spec)

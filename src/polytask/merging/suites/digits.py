@@ -82,5 +82,5 @@ class DigitsMerge(SuiteSpec):
                         info={"pretext": "rotation prediction", "hidden": hidden})
 
     @classmethod
-    def body(cls, options: dict[str, Any]) -> nn.Module:
+    def pretrained_body(cls, options: dict[str, Any]) -> nn.Module:
         return DigitsBody(options["hidden"])

@@ -80,7 +80,7 @@ class TextMerge(SuiteSpec):
                         info={"subset": subset, "seq_len": seq_len, "lora": {"r": r, "alpha": alpha} if cls.lora else None})
 
     @classmethod
-    def body(cls, options: dict[str, Any]) -> nn.Module:
+    def pretrained_body(cls, options: dict[str, Any]) -> nn.Module:
         return text_body("full")
 
 
@@ -92,5 +92,5 @@ class TextMergeLora(TextMerge):
     lora = True
 
     @classmethod
-    def body(cls, options: dict[str, Any]) -> nn.Module:
+    def pretrained_body(cls, options: dict[str, Any]) -> nn.Module:
         return text_body("plain")

@@ -69,5 +69,5 @@ class VisionMerge(SuiteSpec):
                         info={"image_size": image_size, "first_block": first_block, "subset": subset})
 
     @classmethod
-    def body(cls, options: dict[str, Any]) -> nn.Module:
+    def pretrained_body(cls, options: dict[str, Any]) -> nn.Module:
         return vision_body(options["image_size"], options["first_block"])

@@ -1,0 +1,31 @@
+"""Geometric loss strategy (Chennupati et al., "MultiNet++: Multi-Stream Feature Aggregation and
+Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019, Eq. 3):
+
+    L_GLS = (Π_{t=1..T} L_t)^{1/T}
+
+the geometric mean of the task losses. Its gradient is ∇L_GLS = (L_GLS / T) Σ_t ∇L_t / L_t: each
+task is weighted by the inverse of its own loss, so a task with a small loss is not drowned out by
+one with a large loss, and rescaling one task's loss by a constant does not change the direction.
+Computed as exp(mean_t log L_t) for numerical range; the losses must be positive.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from polytask.errors import PolytaskError
+from polytask.registry import WEIGHTINGS
+from polytask.weighting.base import GradContext, Weighting
+
+
+@WEIGHTINGS.register("gls")
+class GeometricLossStrategy(Weighting):
+    """Geometric loss strategy: minimise the geometric mean of the task losses (Chennupati et al. 2019)."""
+
+    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+        if not bool((losses > 0).all()):
+            raise PolytaskError("weighting 'gls' needs positive task losses (it takes their geometric mean); "
+                                "use 'ew' for tasks whose loss can reach 0")
+        total = losses.log().mean().exp()
+        total.backward()
+        return (total / (len(losses) * losses)).detach()
