@@ -7,8 +7,9 @@ published orderings on every suite:
 
 * multi-task training at or near the individual models (LibMTL, Lin & Zhang 2023; here: joint
   shared-bottom + EW within 5 % of the individual models);
-* task arithmetic below them (Ilharco et al. 2023 report about 70 % normalised accuracy on 8 vision
-  tasks with ViT-B/32, see the README) and TIES and aTLAS above task arithmetic;
+* task arithmetic below them (Ilharco et al., ICLR 2023, Sec. 4: adding task vectors keeps only part of
+  the individual models' accuracy; their figures are not quoted here, as this session could not check
+  them against the paper's tables) and TIES and aTLAS above task arithmetic;
 * sequential fine-tuning forgetting (below the joint model) and replay / DER recovering most of it.
 
     python benchmarks/routes.py                                   # digits (3 seeds), vision, text

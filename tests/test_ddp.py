@@ -25,7 +25,8 @@ def _run(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("weighting", [["ew"], ["uw"], ["pcgrad", "params"], ["cagrad", "params"]])
+@pytest.mark.parametrize("weighting", [["ew"], ["uw"], ["pcgrad", "params"], ["cagrad", "params"],
+                                       ["pcgrad", "params", "per-task"]])
 def test_ddp_two_processes_match_one(tmp_path, weighting):
     """Gradient methods in params mode all-reduce the per-task gradient matrix before combining it."""
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"

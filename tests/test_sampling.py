@@ -116,3 +116,22 @@ def test_scenario_from_suite_makes_one_task_incremental_experience_per_task():
     assert scen.kind == "task-incremental" and [e.tasks for e in scen] == [["a"], ["b"]]
     assert len(scen[0].train) == 60 and set(scen[1].train.y) == {"b"}
     assert scen[1].train.x.min() > 0  # task b's samples only (shifted by 4)
+
+
+def test_per_task_training_resumes_from_a_checkpoint_to_the_same_weights(tmp_path):
+    suite = _suite()
+
+    def trainer(epochs: int, out: object) -> Trainer:
+        torch.manual_seed(0)
+        model = ARCHITECTURES.create("shared-bottom", suite.tasks, suite.input_spec, bottom=[8], tower=[])
+        return Trainer(model, suite.tasks, "uw", TrainConfig(epochs=epochs, batch_size=16, sampling="per-task",
+                                                             progress=False), out_dir=out)
+
+    full = trainer(3, tmp_path / "full")
+    full.fit(suite.train, suite.val)
+    trainer(1, tmp_path / "cut").fit(suite.train, suite.val)  # stops after epoch 1, as a killed run would
+    resumed = trainer(3, tmp_path / "cut")
+    resumed.fit(suite.train, suite.val, resume=True)
+    assert resumed.step == full.step
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -8,26 +8,53 @@ run's one ``seed``; each is saved as the run's ``config.yaml`` and read back by 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
 from polytask.errors import PolytaskError
+from polytask.registry import check_fields
 
 C = TypeVar("C", bound="RouteConfig")
 
 
 class RouteConfig:
-    """Mixin for a route's config dataclass: ``from_dict`` (defined by the route) plus these two."""
+    """Mixin for a route's config dataclass: ``to_dict``, ``from_dict`` (with one-line errors) and ``from_yaml``.
+
+    A subclass names its required field (and an example value), its option-mapping fields, and, if
+    it has a ``train`` field, how a mapping becomes its TrainConfig (:meth:`train_config`).
+    """
+
+    required: ClassVar[tuple[str, str] | None] = None
+    option_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
 
     @classmethod
-    def from_dict(cls: type[C], d: Any, source: str = "the config") -> C:  # pragma: no cover - per route
+    def train_config(cls, d: dict[str, Any]) -> Any:  # pragma: no cover - only for configs with a train field
         raise NotImplementedError
+
+    @classmethod
+    def from_dict(cls: type[C], d: Any, source: str = "the config") -> C:
+        if not isinstance(d, dict):
+            raise PolytaskError(f"{source} must be a mapping of fields, not {type(d).__name__}")
+        check_fields(cls, d, source)
+        if cls.required is not None and cls.required[0] not in d:
+            name, example = cls.required
+            raise PolytaskError(f"{source} is missing the field {name!r}; add e.g. '{name}: {example}'")
+        d = option_maps(d, cls.option_fields, source)
+        if "train" in {f.name for f in fields(cls)}:  # type: ignore[arg-type]
+            train = d.pop("train", None) or {}
+            if not isinstance(train, dict):
+                raise PolytaskError(f"{source}: train must be a mapping, e.g. train: {{epochs: 5}}")
+            d["train"] = cls.train_config(train)
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise PolytaskError(f"{source} is invalid: {exc}") from exc
 
     @classmethod
     def from_yaml(cls: type[C], path: str | os.PathLike[str]) -> C:

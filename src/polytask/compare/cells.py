@@ -28,10 +28,13 @@ from torch import nn
 from polytask.compare.suite import ComparisonSuite
 from polytask.continual import ContinualConfig, Scenario, run_continual
 from polytask.merging import evaluate_merger
-from polytask.registry import ARCHITECTURES
+from polytask.registry import ARCHITECTURES, MERGERS
 from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everything
 
 REFERENCES = ("individual", "probe")
+#: what a merger reads beyond the fine-tuned models (polytask.merging.Merger.needs)
+MERGE_ACCESS = {"fisher": "train inputs for Fishers", "labeled": "few labelled shots", "unlabeled": "unlabelled test inputs",
+                "routing": "few inputs + task ids"}
 #: architecture options for the joint route on a pretrained body: linear heads as in the merge suites
 JOINT_ARCH_OPTIONS: dict[str, dict[str, Any]] = {"shared-bottom": {"bottom": [], "tower": []}}
 #: MGDA runs as MGDA-UB (Sener & Koltun 2018, Sec. 3.3): on the shared representation, so a step costs
@@ -39,12 +42,9 @@ JOINT_ARCH_OPTIONS: dict[str, dict[str, Any]] = {"shared-bottom": {"bottom": [],
 JOINT_WEIGHTING_OPTIONS: dict[str, dict[str, Any]] = {"mgda": {"mode": "rep"}}
 
 
-def train_config(suite: ComparisonSuite, epochs: int | None, seed: int, **extra: Any) -> TrainConfig:
-    """The fine-tuning settings of the suite's individual models (the epochs replaced by the budget, if given)."""
-    ft = suite.finetune
-    if epochs is not None:
-        ft["epochs"] = epochs
-    return TrainConfig(**ft, seed=seed, progress=False, num_threads=None, **extra)
+def train_config(suite: ComparisonSuite, seed: int, **extra: Any) -> TrainConfig:
+    """The fine-tuning settings of the suite's individual models: every route trains with the same budget."""
+    return TrainConfig(**suite.finetune, seed=seed, progress=False, num_threads=None, **extra)
 
 
 def count(params: Any) -> int:
@@ -80,13 +80,13 @@ def _heads(suite: ComparisonSuite) -> int:
     return count(p for h in suite.merge.heads.values() for p in h.parameters())
 
 
-def joint_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+def joint_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, Any]:
     """``arch+weighting``: one model on all tasks' data at once (each sample labelled for its own task)."""
     arch, _, weighting = method.partition("+")
     seed_everything(seed)
     model = ARCHITECTURES.create(arch, suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
                                  **JOINT_ARCH_OPTIONS.get(arch, {}))
-    cfg = train_config(suite, epochs, seed)
+    cfg = train_config(suite, seed)
     trainer = Trainer(model, suite.suite.tasks, weighting, cfg, weighting_options=JOINT_WEIGHTING_OPTIONS.get(weighting))
     start = time.perf_counter()
     trainer.fit(suite.suite.train, suite.suite.val)
@@ -94,13 +94,13 @@ def joint_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | Non
     acc, infer = _accuracy(model, suite, 256)
     stored = count(model.parameters())
     return {"accuracy": acc, "train_seconds": seconds, "gradient_steps": trainer.step,
-            "data_access": "all tasks at once", "stored_parameters": stored,
+            "data_access": "all at once", "stored_parameters": stored,
             "inference_parameters": stored, "inference_seconds": infer}
 
 
-def continual_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+def continual_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, Any]:
     """A strategy over one experience per task (task-incremental), starting from θ_0."""
-    cfg = train_config(suite, epochs, seed, restore_best=False)
+    cfg = train_config(suite, seed, restore_best=False)
     scenario = Scenario.from_suite(suite.suite)
 
     def model() -> nn.Module:
@@ -111,7 +111,7 @@ def continual_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int |
                            model=model)
     acc, infer = _accuracy(result.model, suite, 256)
     buffer = getattr(result.strategy, "buffer", None)
-    access = "one task at a time" + (f" + buffer of {buffer.capacity}" if buffer is not None else "")
+    access = "one task at a time" + (f" + {buffer.capacity} buffered" if buffer is not None else "")
     stored = count(result.model.parameters())
     return {"accuracy": acc, "train_seconds": result.metrics["train_seconds"],
             "gradient_steps": _steps(suite.samples(), cfg.epochs, cfg.batch_size), "data_access": access,
@@ -128,12 +128,14 @@ def _finetune_cost(suite: ComparisonSuite) -> tuple[float, int]:
     return float(sum(meta["task_seconds"].values())), steps
 
 
-def merge_cell(suite: ComparisonSuite, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+def merge_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, Any]:
     """A merger over the cached fine-tuned bodies (each task keeps its own fine-tuned head)."""
     run = evaluate_merger(suite.merge, method, seed)
     seconds, steps = _finetune_cost(suite)
     body, _ = _body_sizes(suite)
-    access = "none after fine-tuning" + ("; validation split to choose λ" if run.get("tuned") else "")
+    needs = MERGERS.get(method).needs
+    access = ", ".join([MERGE_ACCESS[n] for n in sorted(needs)] + (["val split for λ"] if run.get("tuned") else [])) \
+        or "none"
     return {"accuracy": {t: run["test"][t]["accuracy"] for t in suite.task_names},
             "train_seconds": seconds + float(run["seconds"]), "gradient_steps": steps,
             "merge_seconds": float(run["merge_seconds"]), "data_access": access,
@@ -151,21 +153,21 @@ def reference_cell(suite: ComparisonSuite, which: str) -> dict[str, Any]:
         seconds, steps = _finetune_cost(suite)
         stored = body + (len(suite.task_names) - 1) * tuned + heads
         return {"accuracy": suite.reference("individual"), "train_seconds": seconds, "gradient_steps": steps,
-                "data_access": "one task per model", "stored_parameters": stored,
+                "data_access": "one task each", "stored_parameters": stored,
                 "inference_parameters": stored, "inference_seconds": body_inference_seconds(suite)}
     probe = meta["finetune"]["probe"]
     return {"accuracy": suite.reference("probe"), "train_seconds": None,
             "gradient_steps": _steps(suite.samples(), probe["epochs"], probe["batch_size"]),
-            "data_access": "one task per probe", "stored_parameters": body + heads,
+            "data_access": "one task each", "stored_parameters": body + heads,
             "inference_parameters": body + heads, "inference_seconds": body_inference_seconds(suite)}
 
 
 CELLS = {"joint": joint_cell, "continual": continual_cell, "merge": merge_cell}
 
 
-def run_cell(suite: ComparisonSuite, route: str, method: str, seed: int, epochs: int | None) -> dict[str, Any]:
+def run_cell(suite: ComparisonSuite, route: str, method: str, seed: int) -> dict[str, Any]:
     """The record of one cell; torch is reseeded first, so a cell's numbers do not depend on the others."""
     seed_everything(seed)
     with torch.random.fork_rng():
-        record = reference_cell(suite, method) if route == "reference" else CELLS[route](suite, method, seed, epochs)
+        record = reference_cell(suite, method) if route == "reference" else CELLS[route](suite, method, seed)
     return {"route": route, "method": method, "seed": seed, **record}

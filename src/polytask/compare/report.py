@@ -71,9 +71,9 @@ def _fmt(v: Any, kind: str = "") -> str:
 
 
 TABLE_COLUMNS = (("route", "route", ""), ("method", "method", ""), ("normalised acc.", "average_normalized", "pm"),
-                 ("avg acc.", "average_accuracy", ""), ("Δm %", "delta_m", "pct"), ("train s", "train_seconds", "s"),
+                 ("avg acc.", "average_accuracy", "f3"), ("Δm %", "delta_m", "pct"), ("train s", "train_seconds", "s"),
                  ("grad steps", "gradient_steps", "int"), ("stored params", "stored_parameters", "int"),
-                 ("inference params", "inference_parameters", "int"), ("inference s", "inference_seconds", "s"),
+                 ("inference params", "inference_parameters", "int"), ("inference ms", "inference_seconds", "ms"),
                  ("data access", "data_access", ""))
 
 
@@ -85,6 +85,8 @@ def cell_text(row: dict[str, Any], key: str, kind: str) -> str:
         return f"{v:+.1f}"
     if kind == "":
         return str(v)
+    if kind == "ms":
+        return "–" if v is None else f"{1000 * v:.0f}"
     return _fmt(v, kind)
 
 
@@ -141,17 +143,24 @@ def pareto_plot(path: Path, rows: list[dict[str, Any]], records: list[dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    placed: list[tuple[float, float]] = []
     for r in rows:
+        if r["route"] == "reference" and r["method"] == "probe":
+            ax.axhline(r["average_normalized"], color=COLORS["reference"], lw=0.8, ls=":")
+            ax.text(0.01, r["average_normalized"], " floor: frozen body + linear probes", transform=ax.get_yaxis_transform(),
+                    va="bottom", fontsize=7, color=COLORS["reference"])
+            continue
         if r.get(x_key) is None:
             continue
+        x, y = r[x_key], r["average_normalized"]
         seeds = [score(c, ceiling)["average_normalized"] for c in records
                  if c["route"] == r["route"] and c["method"] == r["method"]]
-        err = [[r["average_normalized"] - min(seeds)], [max(seeds) - r["average_normalized"]]]
-        ax.errorbar(r[x_key], r["average_normalized"], yerr=err, fmt=MARKERS[r["route"]], color=COLORS[r["route"]],
-                    markersize=8, capsize=3)
-        ax.annotate(r["method"], (r[x_key], r["average_normalized"]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
+        ax.errorbar(x, y, yerr=[[y - min(seeds)], [max(seeds) - y]], fmt=MARKERS[r["route"]],
+                    color=COLORS[r["route"]], markersize=8, capsize=3)
+        near = sum(1 for px, py in placed if abs(px - x) <= 0.15 * max(px, x) and abs(py - y) < 0.012)
+        placed.append((x, y))
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(7, 3 - 10 * near), fontsize=8)
     for route, color in COLORS.items():
         if any(r["route"] == route for r in rows):
             ax.plot([], [], MARKERS[route], color=color, label=route)
@@ -192,8 +201,8 @@ def write_report(out: Path, payload: dict[str, Any], records: list[dict[str, Any
     ceiling, rows, name = payload["ceiling"], payload["summary"], payload["suite"]
     write_json(out / "report.json", {**payload, "cells": records})
     results_csv(out / "results.csv", records, ceiling)
-    pareto_plot(out / "pareto_cost.png", rows, records, ceiling, "gradient_steps", "gradient steps (log)",
-                f"{name}: score against training cost")
+    pareto_plot(out / "pareto_cost.png", rows, records, ceiling, "train_seconds",
+                "training seconds from the pretrained body, all tasks (log)", f"{name}: score against training cost")
     pareto_plot(out / "pareto_params.png", rows, records, ceiling, "stored_parameters",
                 "parameters stored after training (log)", f"{name}: score against stored parameters")
     per_task_plot(out / "per_task.png", rows, payload["tasks"], f"{name}: normalised accuracy per task")

@@ -25,7 +25,7 @@ from polytask.compare.suite import COMPARE_SUITES, ComparisonSuite, comparison_s
 from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
 from polytask.io import write_json
-from polytask.registry import ARCHITECTURES, MERGERS, STRATEGIES, WEIGHTINGS, check_fields
+from polytask.registry import ARCHITECTURES, MERGERS, STRATEGIES, WEIGHTINGS
 
 ROUTES = ("joint", "continual", "merge")
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
@@ -37,8 +37,8 @@ DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class CompareConfig(RouteConfig):
-    """Suite, routes, methods per route, seeds and the training budget (epochs per task; default: the
-    epochs the suite's individual models were fine-tuned for)."""
+    """Suite, routes, methods per route, seeds and the training budget: ``epochs`` per task for every
+    route, the individual (and so the merged) models included (default: the suite's fine-tuning epochs)."""
 
     suite: str = "digits-merge"
     routes: list[str] = field(default_factory=lambda: list(ROUTES))
@@ -47,13 +47,6 @@ class CompareConfig(RouteConfig):
     epochs: int | None = None
     suite_options: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str = "the compare config") -> CompareConfig:
-        if not isinstance(d, dict):
-            raise PolytaskError(f"{source} must be a mapping of fields (suite:, routes:, ...)")
-        check_fields(cls, d, source)
-        return cls(**d)
 
     def resolved_methods(self) -> dict[str, list[str]]:
         """The methods of every chosen route (a route's defaults where none are given)."""
@@ -111,10 +104,16 @@ def _check_method(route: str, method: str) -> None:
         MERGERS.get(method)
 
 
+def suite_options(config: CompareConfig) -> dict[str, Any]:
+    """The merge suite's build options: compare's defaults for the suite, the user's, and the budget (the
+    epochs its individual models are fine-tuned for)."""
+    budget = {"epochs": config.epochs} if config.epochs is not None else {}
+    return {**COMPARE_SUITES[config.suite], **config.suite_options, **budget}
+
+
 def _cell_key(config: CompareConfig, suite: ComparisonSuite, route: str, method: str, seed: int) -> dict[str, Any]:
-    epochs = None if route in ("reference", "merge") else config.epochs
-    return {"suite": config.suite, "suite_options": config.suite_options, "route": route, "method": method,
-            "seed": seed, "epochs": epochs, "suite_built": suite.merge.meta.get("build_seconds")}
+    return {"suite": config.suite, "suite_options": suite_options(config), "route": route, "method": method,
+            "seed": seed, "suite_built": suite.merge.meta.get("build_seconds")}
 
 
 def cells(config: CompareConfig) -> list[tuple[str, str, int]]:
@@ -139,7 +138,7 @@ def compare(config: CompareConfig | None = None, out: str | os.PathLike[str] | N
     torch.set_num_threads(config.threads)
     out_path = Path(out) if out is not None else None
     start = time.perf_counter()
-    suite = comparison_suite(load_merge_suite(config.suite, progress=progress, **config.suite_options))
+    suite = comparison_suite(load_merge_suite(config.suite, progress=progress, **suite_options(config)))
     todo = cells(config)
     records: list[dict[str, Any]] = []
     with Progress(TextColumn("[bold]compare[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -151,13 +150,13 @@ def compare(config: CompareConfig | None = None, out: str | os.PathLike[str] | N
             path = out_path / "cells" / route / method / f"seed-{seed}.json" if out_path is not None else None
             record = _load_cell(path, key)
             if record is None:
-                record = run_cell(suite, route, method, seed, config.epochs)
+                record = run_cell(suite, route, method, seed)
                 if path is not None:
                     write_json(path, {"key": key, "record": record})
             records.append(record)
             bar.advance(job)
     payload = {"suite": config.suite, "tasks": suite.task_names, "seeds": config.seeds,
-               "epochs": config.epochs or suite.finetune["epochs"], "threads": config.threads,
+               "epochs": suite.finetune["epochs"], "threads": config.threads,
                "config": config.to_dict(), "ceiling": suite.reference("individual"), "floor": suite.reference("probe"),
                "summary": summarize(records, suite.reference("individual")),
                "seconds": round(time.perf_counter() - start, 1)}

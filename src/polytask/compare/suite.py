@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from polytask.sampling import concat_task_data
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
 
-COMPARE_SUITES = ("digits-merge", "vision-merge", "text-merge")
+#: the comparison suites and the build options ``compare`` gives them (the user's override these). With the merge
+#: benchmark's vision-merge (blocks 11-15 fine-tuned for 2 epochs) the frozen body with linear probes reaches
+#: 0.96 of the fine-tuned models, too close to tell the routes apart; fine-tuning blocks 6-15 for 5 epochs
+#: brings the floor to 0.84 of the ceiling (the multi-mnist tasks: 0.55 -> 0.89).
+COMPARE_SUITES: dict[str, dict[str, Any]] = {
+    "digits-merge": {},
+    "vision-merge": {"first_block": 6, "epochs": 5, "lr": 3e-4},
+    "text-merge": {},
+}
 
 
 class PretrainedBody(nn.Module):

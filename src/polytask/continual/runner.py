@@ -28,10 +28,10 @@ from polytask.continual.base import Strategy
 from polytask.continual.metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
 from polytask.continual.scenario import Scenario
 from polytask.checkpoints import CheckpointDir
-from polytask.config import RouteConfig, option_maps
+from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
 from polytask.io import prepare_run_dir, save_safetensors, write_json, write_yaml
-from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES, check_fields
+from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES
 from polytask.tasks import Batch
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
 
@@ -63,18 +63,12 @@ class ContinualConfig(RouteConfig):
     def seed(self) -> int:
         return self.train.seed
 
+    required = ("scenario", "split-digits")
+    option_fields = ("scenario_options", "strategy_options", "arch_options", "backbone_options")
+
     @classmethod
-    def from_dict(cls, d: Any, source: str = "the continual config") -> ContinualConfig:
-        if not isinstance(d, dict):
-            raise PolytaskError(f"{source} must be a mapping of fields (scenario:, strategy:, ...)")
-        check_fields(cls, d, source)
-        if "scenario" not in d:
-            raise PolytaskError(f"{source} is missing the field 'scenario'; add e.g. 'scenario: split-digits'")
-        d = option_maps(d, ("scenario_options", "strategy_options", "arch_options", "backbone_options"), source)
-        train = d.pop("train", None) or {}
-        if not isinstance(train, dict):
-            raise PolytaskError(f"{source}: train must be a mapping, e.g. train: {{epochs: 5}}")
-        return cls(**d, train=TrainConfig.partial(train))
+    def train_config(cls, d: dict[str, Any]) -> TrainConfig:
+        return TrainConfig.partial(d)
 
 
 @dataclass

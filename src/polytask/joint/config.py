@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from polytask.config import RouteConfig, option_maps
-from polytask.errors import PolytaskError
-from polytask.registry import check_fields
+from polytask.config import RouteConfig
 from polytask.trainer import TrainConfig
 
 
@@ -26,18 +24,9 @@ class RunConfig(RouteConfig):
     baseline: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    required = ("suite", "digits-multi")
+    option_fields = ("suite_options", "arch_options", "weighting_options", "backbone_options")
+
     @classmethod
-    def from_dict(cls, d: Any, source: str = "the config") -> RunConfig:
-        if not isinstance(d, dict):
-            raise PolytaskError(f"{source} must be a mapping of fields (suite:, arch:, ...), not {type(d).__name__}")
-        check_fields(cls, d, source)
-        if "suite" not in d:
-            raise PolytaskError(f"{source} is missing the field 'suite'; add e.g. 'suite: digits-multi'")
-        d = option_maps(d, ("suite_options", "arch_options", "weighting_options", "backbone_options"), source)
-        train = d.pop("train", None) or {}
-        if not isinstance(train, dict):
-            raise PolytaskError(f"{source}: train must be a mapping, e.g. train: {{epochs: 5}}")
-        try:
-            return cls(**d, train=TrainConfig.from_dict(train))
-        except TypeError as exc:
-            raise PolytaskError(f"{source} is invalid: {exc}") from exc
+    def train_config(cls, d: dict[str, Any]) -> TrainConfig:
+        return TrainConfig.from_dict(d)
