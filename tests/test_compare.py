@@ -11,8 +11,8 @@ import time
 import pytest
 
 from conftest import run_cli
-from polytask.compare import CompareConfig, compare, parse_methods
-from polytask.compare.report import score, summarize
+from polytask.comparison import CompareConfig, compare, parse_methods
+from polytask.comparison.report import score, summarize
 from polytask.errors import PolytaskError
 
 SMALL = {"joint": ["shared-bottom+ew"], "continual": ["finetune"], "merge": ["task-arithmetic"]}
@@ -101,3 +101,12 @@ def test_killed_compare_redoes_only_unfinished_cells(tmp_path):
     strip = ("train_seconds", "inference_seconds", "merge_seconds")
     for ra, rb in zip(a["summary"], b["summary"]):
         assert {k: v for k, v in ra.items() if k not in strip} == {k: v for k, v in rb.items() if k not in strip}
+
+
+def test_the_python_entry_point_is_the_command_s_equal():
+    import polytask
+    from polytask import comparison
+
+    assert polytask.compare is comparison.compare and polytask.CompareConfig is CompareConfig
+    with pytest.raises(PolytaskError, match="seeds must be at least 1"):
+        polytask.compare(suite="digits-merge", seeds=0)

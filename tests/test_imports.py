@@ -31,12 +31,12 @@ def layer(module: str) -> str:
 RULES: dict[str, tuple[str, Callable[[str, str], bool]]] = {
     "data-models": ("data must not import the models", lambda a, b: a == "data" and b == "models"),
     "models-routes": ("the models must not import a route, compare, the trainer or the CLI",
-                      lambda a, b: a == "models" and b in (*ROUTES, "compare", "trainer", *CLI)),
+                      lambda a, b: a == "models" and b in (*ROUTES, "comparison", "trainer", *CLI)),
     "route-route": ("a route must not import another route or the CLI",
                     lambda a, b: a in ROUTES and a != b and b in (*ROUTES, *CLI)),
-    "compare-cli": ("compare must not import the CLI", lambda a, b: a == "compare" and b in CLI),
+    "compare-cli": ("compare must not import the CLI", lambda a, b: a == "comparison" and b in CLI),
     "compare-users": ("only cli, commands, tour and the polytask package may import compare",
-                      lambda a, b: b == "compare" and a != b and a not in COMPARE_USERS),
+                      lambda a, b: b == "comparison" and a != b and a not in COMPARE_USERS),
     "weighting-models": ("a weighting must not import the models", lambda a, b: a == "weighting" and b == "models"),
     "trainer-cli": ("the trainer must not import the CLI", lambda a, b: a == "trainer" and b in CLI),
 }
@@ -177,9 +177,9 @@ def test_checker_finds_a_cycle_and_forbidden_edges_in_a_synthetic_graph():
         "polytask.models.pretrained": {"polytask.models.backbones", "polytask.trainer"},
         "polytask.merging.fisher": {"polytask.continual.ewc", "polytask.merging"},
         "polytask.merging": {"polytask.merging.fisher"},  # a face re-exporting its module: no cycle
-        "polytask.compare.table": {"polytask.joint", "polytask.continual", "polytask.merging"},
-        "polytask.tour": {"polytask.compare.table"},
-        "polytask.weighting.ew": {"polytask.compare.table"},
+        "polytask.comparison.table": {"polytask.joint", "polytask.continual", "polytask.merging"},
+        "polytask.tour": {"polytask.comparison.table"},
+        "polytask.weighting.ew": {"polytask.comparison.table"},
         "polytask.continual.ewc": set(), "polytask.joint": set(), "polytask.tasks": set(), "polytask.trainer": set(),
     }
     found = find_violations(edges, faces={"polytask.merging", "polytask.joint"})
@@ -187,7 +187,7 @@ def test_checker_finds_a_cycle_and_forbidden_edges_in_a_synthetic_graph():
         "polytask.data.mnist -> polytask.models.backbones (data must not import the models)",
         "polytask.models.pretrained -> polytask.trainer (the models must not import a route, compare, the trainer or the CLI)",
         "polytask.merging.fisher -> polytask.continual.ewc (a route must not import another route or the CLI)",
-        "polytask.weighting.ew -> polytask.compare.table (only cli, commands, tour and the polytask package may import compare)",
+        "polytask.weighting.ew -> polytask.comparison.table (only cli, commands, tour and the polytask package may import compare)",
         "import cycle: polytask.models.backbones -> polytask.models.pretrained -> polytask.models.backbones "
         "(modules in the cycle: polytask.models.backbones, polytask.models.pretrained)",
     ]

@@ -86,8 +86,8 @@ def _plot_delta_m(rows: list[dict[str, Any]], path: Path) -> None:
 
 def compare_section(out: Path, quick: bool, console: Console) -> list[dict[str, Any]]:
     """All three routes on digits-merge from one pretrained body: the table and the Pareto plot."""
-    from polytask.compare import CompareConfig, compare
-    from polytask.compare.report import rich_table
+    from polytask.comparison import CompareConfig, compare
+    from polytask.comparison.report import rich_table
 
     methods = {"joint": ["shared-bottom+ew", "mmoe+uw"], "continual": ["finetune", "replay"],
                "merge": ["task-arithmetic", "ties"]}

@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run joint, continual and merge methods on one suite from the same pretrained body; report them side by side."""
         from polytask.commands._common import console, parse_options
-        from polytask.compare import CompareConfig, compare, parse_methods
-        from polytask.compare.report import rich_table
+        from polytask.comparison import CompareConfig, compare, parse_methods
+        from polytask.comparison.report import rich_table
 
         config = CompareConfig(suite=suite, routes=[r.strip() for r in routes.split(",") if r.strip()],
                                methods=parse_methods(methods), seeds=seeds, epochs=epochs,

@@ -13,7 +13,7 @@ ALIASES = {"architecture": "arch", "suites": "suite", "mergers": "merger", "stra
 def routes(family: str, name: str) -> str:
     """The routes a suite serves: joint suites (one input, several labels) train jointly; the
     comparison suites (a pretrained body, one dataset per task) serve every route and ``compare``."""
-    from polytask.compare.suite import COMPARE_SUITES
+    from polytask.comparison.suite import COMPARE_SUITES
 
     if family == "suite":
         return "joint"

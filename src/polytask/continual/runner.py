@@ -123,8 +123,6 @@ class _StreamEval(Hook):
 
 
 def _load_components(config: ContinualConfig, scenario: Scenario | None) -> tuple[Scenario, Strategy]:
-    from polytask import continual  # noqa: F401  (registers scenarios and strategies)
-
     strategy = STRATEGIES.create(config.strategy, **config.strategy_options)
     if scenario is None:
         scenario = SCENARIOS.create(config.scenario, seed=config.seed, **config.scenario_options)

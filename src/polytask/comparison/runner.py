@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from polytask.compare.cells import REFERENCES, run_cell
-from polytask.compare.report import summarize, write_report
-from polytask.compare.suite import COMPARE_SUITES, ComparisonSuite, comparison_suite
+from polytask.comparison.cells import REFERENCES, run_cell
+from polytask.comparison.report import summarize, write_report
+from polytask.comparison.suite import COMPARE_SUITES, ComparisonSuite, comparison_suite
 from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
 from polytask.io import write_json

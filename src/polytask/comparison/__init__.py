@@ -5,6 +5,6 @@ digits-merge --out runs/cmp``: every route's methods from the same pretrained bo
 the references they are measured against (individual fine-tuned models, linear probes), one report.
 """
 
-from polytask.compare.runner import DEFAULT_METHODS, ROUTES, CompareConfig, compare, parse_methods
+from polytask.comparison.runner import DEFAULT_METHODS, ROUTES, CompareConfig, compare, parse_methods
 
 __all__ = ["DEFAULT_METHODS", "ROUTES", "CompareConfig", "compare", "parse_methods"]

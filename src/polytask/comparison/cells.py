@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polytask.compare.suite import ComparisonSuite
+from polytask.comparison.suite import ComparisonSuite
 from polytask.continual import ContinualConfig, Scenario, run_continual
 from polytask.merging import evaluate_merger
 from polytask.registry import ARCHITECTURES, MERGERS
