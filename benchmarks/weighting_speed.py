@@ -42,7 +42,7 @@ from polytask.tasks import Batch, InputSpec, Task
 from polytask.weighting.base import GradContext
 
 T, DIM, BATCH, EXPERTS, N_BATCHES = 4, 128, 256, 8, 4
-LOSS_ONLY = ["ew", "uw", "dwa", "rlw", "famo", "stch"]
+LOSS_ONLY = [n for n in WEIGHTINGS.names() if WEIGHTINGS.get(n).grad_source == "none"]  # losses only
 ONE_MODE = {"graddrop": "rep", "db-mtl": "params"}
 OPTIONS = {"stch": {"warmup_epochs": 0}}   # time the scalarization, not its warm-up
 
