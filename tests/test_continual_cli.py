@@ -24,8 +24,8 @@ def test_continual_writes_metrics_matrix_plots_and_checkpoint(tmp_path):
     for png in ("accuracy_matrix.png", "accuracy_over_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "heads.class.0.weight" in load_file(str(out / "model.safetensors"))
-    state = load_file(str(out / "checkpoints" / "exp-004" / "strategy.safetensors"))
-    assert state["buffer/x"].shape == (200, 64)  # the replay memory is saved beside the weights
+    state = load_file(str(out / "checkpoints" / "exp-004" / "state.safetensors"))
+    assert state["/strategy_tensors/buffer/x"].shape == (200, 64)  # the replay memory is saved beside the weights
     assert "memory: 200" in (out / "config.yaml").read_text()
 
 

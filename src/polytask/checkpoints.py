@@ -1,20 +1,29 @@
-"""One checkpoint-folder sequence for every loop: write a folder atomically, point ``LATEST`` at it, prune.
+"""One checkpoint-folder sequence for every loop: write a folder atomically, point ``LATEST`` at it, prune;
+and one run-state format inside it.
 
 A run directory's ``checkpoints/`` holds one folder per finished unit of work (``epoch-0003``,
 ``exp-002``); ``LATEST`` names the newest. A folder is filled under a temporary name and renamed
 into place, and ``LATEST`` is written atomically after it, so a kill at any moment leaves either
 the previous checkpoint or the new one, never a half-written one.
+
+Run state (optimizer, weighting, strategy, RNG, loop counters) is written by :func:`save_state` as
+``state.safetensors`` (every tensor) plus ``state.json`` (everything else, with references to the
+tensors), so it loads without unpickling anything.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-from polytask.io import write_text
+from safetensors.torch import load_file
+from torch import Tensor
+
+from polytask.io import save_safetensors, write_json, write_text
 
 
 @contextmanager
@@ -60,3 +69,42 @@ class CheckpointDir:
             return None
         folder = self.root / latest.read_text().strip()
         return folder if folder.is_dir() else None
+
+
+def save_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write a nested state (dicts, lists, tensors, JSON scalars) as state.safetensors + state.json."""
+    tensors: dict[str, Tensor] = {}
+    meta = _encode(state, tensors, "")
+    save_safetensors(folder / "state.safetensors", {k: v.detach().clone() for k, v in tensors.items()})
+    write_json(folder / "state.json", meta)
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The state :func:`save_state` wrote in ``folder``."""
+    tensors = load_file(str(folder / "state.safetensors"))
+    return _decode(json.loads((folder / "state.json").read_text()), tensors)
+
+
+def _encode(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    if isinstance(obj, Tensor):
+        tensors[path] = obj
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _encode(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _encode(v, tensors, f"{path}/{k}")] for k, v in obj.items()]}  # e.g. int keys
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _decode(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        if set(obj) == {"__items__"}:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from polytask.checkpoints import CheckpointDir
+from polytask.checkpoints import CheckpointDir, load_state, save_state
 from polytask.errors import PolytaskError
 from polytask.io import save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
@@ -355,7 +355,7 @@ class Trainer:
             save_safetensors(folder / "model.safetensors", self.model.state_dict())
             if self.best_state is not None:
                 save_safetensors(folder / "best.safetensors", self.best_state)
-            torch.save(self.state(), folder / "trainer_state.pt")
+            save_state(folder, self.state())
 
     def load_checkpoint(self) -> bool:
         """Restore the newest checkpoint in ``out_dir``; returns False if there is none."""
@@ -367,7 +367,7 @@ class Trainer:
         self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
         if (folder / "best.safetensors").exists():
             self.best_state = load_file(str(folder / "best.safetensors"))
-        state = torch.load(folder / "trainer_state.pt", weights_only=True)
+        state = load_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
         self.epoch, self.step = state["epoch"], state["step"]

@@ -11,7 +11,6 @@ task-free run is therefore checkpointed once, at the end.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,7 +26,7 @@ from torch import nn
 from polytask.continual.base import Strategy
 from polytask.continual.metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
 from polytask.continual.scenario import Scenario
-from polytask.checkpoints import CheckpointDir
+from polytask.checkpoints import CheckpointDir, load_state, save_state
 from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
 from polytask.io import prepare_run_dir, save_safetensors, write_json, write_yaml
@@ -232,23 +231,19 @@ def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: S
         return
     with _checkpoints(out).write(index) as folder:
         save_safetensors(folder / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
-        tensors = {k: v.clone() for k, v in strategy.state_tensors().items()}
-        tensors["__torch_rng"] = torch.get_rng_state()
-        save_safetensors(folder / "strategy.safetensors", tensors)
-        write_json(folder / "state.json", {"finished": index + 1, "accuracy_matrix": rows,
-                                           "experience_seconds": seconds, "strategy": strategy.state_meta()})
+        save_state(folder, {"finished": index + 1, "accuracy_matrix": rows, "experience_seconds": seconds,
+                            "strategy": strategy.state_meta(), "strategy_tensors": strategy.state_tensors(),
+                            "torch_rng": torch.get_rng_state()})
 
 
 def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[int, list[list[float]], list[float]]:
     folder = _checkpoints(out).latest()
     if folder is None:
         return 0, [], []
-    state = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "strategy.safetensors"))
-    rng = tensors.pop("__torch_rng")
-    strategy.load_state(tensors, state["strategy"], model)
+    state = load_state(folder)
+    strategy.load_state(state["strategy_tensors"], state["strategy"], model)
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    torch.set_rng_state(rng)
+    torch.set_rng_state(state["torch_rng"])
     return int(state["finished"]), state["accuracy_matrix"], state["experience_seconds"]
 
 
