@@ -62,6 +62,21 @@ def test_one_suite_is_read_by_all_three_routes(tmp_path):
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 5
 
 
+def test_trained_routes_start_from_the_builds_own_linear_probes():
+    """LP-FT for every route: before training, body + probe heads score exactly the recorded floor."""
+    from polytask import ARCHITECTURES
+    from polytask.comparison.cells import with_probe_heads
+    from polytask.comparison.suite import comparison_suite
+    from polytask.merging import load_merge_suite
+    from polytask.trainer import evaluate_model
+
+    suite = comparison_suite(load_merge_suite("digits-merge", progress=False))
+    model = ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
+                                 bottom=[], tower=[])
+    res = evaluate_model(with_probe_heads(model, suite), suite.suite.tasks, suite.suite.test, 256)
+    assert {t: r["accuracy"] for t, r in res.items()} == pytest.approx(suite.reference("probe"), abs=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--suite", "digits-multi"], "cannot serve all three routes"),
     (["--methods", "continual:nosuch"], "unknown strategy 'nosuch'"),

@@ -61,6 +61,17 @@ def _accuracy(model: nn.Module, suite: ComparisonSuite, batch_size: int) -> tupl
     return {t: res[t]["accuracy"] for t in suite.task_names}, time.perf_counter() - start
 
 
+def with_probe_heads(model: nn.Module, suite: ComparisonSuite) -> nn.Module:
+    """Start each linear head from the task's linear probe (LP-FT, as the individual models start)."""
+    for t, probe in suite.probe_heads().items():
+        model.heads[t][-1].load_state_dict(probe.state_dict())
+    return model
+
+
+def _linear_heads(arch: str) -> bool:
+    return JOINT_ARCH_OPTIONS.get(arch, {}).get("tower") == []
+
+
 def body_inference_seconds(suite: ComparisonSuite) -> float:
     """Seconds to predict every task's test set with one body and the task heads (the form of the
     merged model, the probes and each individual model: one body pass per sample)."""
@@ -86,6 +97,8 @@ def joint_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, Any]
     seed_everything(seed)
     model = ARCHITECTURES.create(arch, suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
                                  **JOINT_ARCH_OPTIONS.get(arch, {}))
+    if _linear_heads(arch):
+        with_probe_heads(model, suite)
     cfg = train_config(suite, seed)
     trainer = Trainer(model, suite.suite.tasks, weighting, cfg, weighting_options=JOINT_WEIGHTING_OPTIONS.get(weighting))
     start = time.perf_counter()
@@ -104,8 +117,8 @@ def continual_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, 
     scenario = Scenario.from_suite(suite.suite)
 
     def model() -> nn.Module:
-        return ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
-                                    bottom=[], tower=[])
+        return with_probe_heads(ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec,
+                                                     backbone=suite.body(), bottom=[], tower=[]), suite)
 
     result = run_continual(ContinualConfig(scenario=suite.name, strategy=method, train=cfg), scenario=scenario,
                            model=model)

@@ -28,6 +28,8 @@ from polytask.io import write_json
 from polytask.registry import ARCHITECTURES, MERGERS, STRATEGIES, WEIGHTINGS
 
 ROUTES = ("joint", "continual", "merge")
+#: what every trained cell starts from (part of each cell's key: a cell run from another start is redone)
+START = "pretrained body; linear heads from the linear probes (LP-FT)"
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "joint": ("shared-bottom+ew", "mmoe+uw", "shared-bottom+mgda"),
     "continual": ("finetune", "ewc", "replay", "der"),
@@ -112,8 +114,9 @@ def suite_options(config: CompareConfig) -> dict[str, Any]:
 
 
 def _cell_key(config: CompareConfig, suite: ComparisonSuite, route: str, method: str, seed: int) -> dict[str, Any]:
-    return {"suite": config.suite, "suite_options": suite_options(config), "route": route, "method": method,
-            "seed": seed, "suite_built": suite.merge.meta.get("build_seconds")}
+    key = {"suite": config.suite, "suite_options": suite_options(config), "route": route, "method": method,
+           "seed": seed, "suite_built": suite.merge.meta.get("build_seconds")}
+    return {**key, "start": START} if route in ("joint", "continual") else key
 
 
 def cells(config: CompareConfig) -> list[tuple[str, str, int]]:

@@ -13,7 +13,9 @@ LP-FT through the shared Trainer) and linear probes on the frozen body (the floo
 Every route trains the same tensors of the body (those the merge suite fine-tunes and merges,
 i.e. the keys of its ``base.safetensors``) with the same frozen rest, keeps BatchNorm statistics
 and dropout in evaluation mode as the merge suite's fine-tuning does, and gives every task its own
-head.
+head. Like the individual models (LP-FT, Kumar et al., ICLR 2022), the joint and continual models
+with linear heads start from the linear probes on the frozen body (:meth:`ComparisonSuite.probe_heads`,
+the build's own recipe and seeds, so the very heads the individual models started from).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from polytask.sampling import concat_task_data
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
+from polytask.trainer import TrainConfig, Trainer, seed_everything
 
 #: the comparison suites and the build options ``compare`` gives them (the user's override these). With the merge
 #: benchmark's vision-merge (blocks 11-15 fine-tuned for 2 epochs) the frozen body with linear probes reaches
@@ -66,6 +70,7 @@ class ComparisonSuite:
     merge: Any  # polytask.merging MergeSuite
     suite: TaskSuite
     trainable: set[str]
+    _probes: dict[str, nn.Linear] | None = None
 
     @property
     def name(self) -> str:
@@ -89,6 +94,12 @@ class ComparisonSuite:
         key = {"individual": "finetuned_accuracy", "probe": "probe_accuracy"}[which]
         return {t: float(self.merge.meta[key][t]) for t in self.task_names}
 
+    def probe_heads(self) -> dict[str, nn.Linear]:
+        """Linear probes on the frozen body, trained as the suite's build trains them (same seeds)."""
+        if self._probes is None:
+            self._probes = linear_probes(self.merge)
+        return {t: copy.deepcopy(h) for t, h in self._probes.items()}
+
     def samples(self, split: str = "train") -> dict[str, int]:
         return {t: int(self.merge.meta["samples"][t][split]) for t in self.task_names}
 
@@ -107,6 +118,41 @@ def comparison_suite(merge_suite: Any) -> ComparisonSuite:
     with safe_open(str(merge_suite.base_path), "pt") as f:
         trainable = set(f.keys())
     return ComparisonSuite(merge_suite, suite, trainable)
+
+
+@torch.no_grad()
+def _encode(body: nn.Module, x: Tensor, batch_size: int = 128) -> Tensor:
+    body.eval()
+    return torch.cat([body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def linear_probes(merge_suite: Any) -> dict[str, nn.Linear]:
+    """Step 1 of the suite's LP-FT for every task: a linear head trained on the frozen body's features
+    with the suite's probe settings, seeded as the build seeds it."""
+    seed = int(merge_suite.meta["resolved_options"].get("seed", 0))
+    probe_cfg = merge_suite.meta["finetune"]["probe"]
+    heads = {}
+    for i, t in enumerate(merge_suite.tasks):
+        task = Task(t, "multiclass", num_classes=int(merge_suite.meta["classes"][t]))
+        feats = {s: _encode(merge_suite.body, merge_suite.data[t][s][0]) for s in ("train", "val")}
+        seed_everything(seed * 7919 + i)
+        head = nn.Linear(int(merge_suite.meta["head_in"]), task.num_classes)
+        cfg = TrainConfig(**probe_cfg, seed=seed, progress=False, num_threads=None)
+        Trainer(_Head(head, t), [task], "ew", cfg).fit(MultiTaskData(feats["train"], {t: merge_suite.data[t]["train"][1]}),
+                                                       MultiTaskData(feats["val"], {t: merge_suite.data[t]["val"][1]}))
+        heads[t] = head.requires_grad_(True)
+    return heads
+
+
+class _Head(nn.Module):
+    """A head as the Trainer wants it: ``forward(features) -> {task: logits}``."""
+
+    def __init__(self, head: nn.Module, task: str) -> None:
+        super().__init__()
+        self.head, self.task = head, task
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {self.task: self.head(x)}
 
 
 def _xy(split: tuple[Tensor, Tensor], task: str) -> tuple[Tensor, dict[str, Tensor]]:
