@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from polytask.joint import RunConfig, run
@@ -94,7 +95,7 @@ def compare_section(out: Path, quick: bool, console: Console) -> list[dict[str, 
     payload = compare(CompareConfig(suite="digits-merge", methods=methods, epochs=1 if quick else 5),
                       out / "compare", progress=True)
     console.print(rich_table(payload))
-    console.print(f"  Pareto plots: {out}/compare/pareto_cost.png, pareto_params.png", highlight=False)
+    console.print(escape(f"  Pareto plots: {out}/compare/pareto_cost.png, pareto_params.png"), highlight=False)
     return payload["summary"]
 
 
@@ -114,4 +115,4 @@ def run_tour(out: Path, quick: bool = False, console: Console | None = None) -> 
         console.rule(f"polytask tour — {title}")
         results[key] = section(out, quick, console)
     write_json(out / "tour_results.json", results)
-    console.print(f"tour finished in {time.perf_counter() - start:.0f} s; tables and plots in {out}/")
+    console.print(escape(f"tour finished in {time.perf_counter() - start:.0f} s; tables and plots in {out}/"))

@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="show a progress bar per experience"),
     ) -> None:
         """Learn a scenario's experiences one after another with a strategy; print the accuracy matrix and BWT/forgetting."""
+        from rich.markup import escape
+
         from polytask.commands._common import console, parse_options
         from polytask.continual.runner import ContinualConfig, run_continual
         from polytask.errors import PolytaskError
@@ -49,20 +51,21 @@ def register(app: typer.Typer) -> None:
                                   backbone_options=parse_options(backbone_option, "--backbone-option"), train=train)
         result = run_continual(cfg, out, resume=resume, overwrite=overwrite)
         _print(console, result.metrics, [e.name for e in result.scenario])
-        console.print(f"wrote {out}/metrics.json, accuracy_matrix.csv, accuracy_matrix.png, accuracy_over_time.png, "
-                      "model.safetensors", highlight=False)
+        console.print(escape(f"wrote {out}/metrics.json, accuracy_matrix.csv, accuracy_matrix.png, "
+                             "accuracy_over_time.png, model.safetensors"), highlight=False)
 
 
 def _print(console: Any, metrics: dict[str, Any], names: list[str]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{metrics['strategy']} on {metrics['scenario']}: accuracy after each experience (rows) "
-                        "on each experience (columns)")
+    table = Table(title=escape(f"{metrics['strategy']} on {metrics['scenario']}: accuracy after each experience "
+                               "(rows) on each experience (columns)"))
     table.add_column("after")
     for j, name in enumerate(names):
-        table.add_column(f"{j}: {name}", justify="right")
+        table.add_column(escape(f"{j}: {name}"), justify="right")
     for i, row in enumerate(metrics["accuracy_matrix"]):
-        table.add_row(f"{i}: {names[i]}", *[f"{v:.3f}" for v in row])
+        table.add_row(escape(f"{i}: {names[i]}"), *[f"{v:.3f}" for v in row])
     console.print(table)
     console.print(f"average accuracy {metrics['average_accuracy']:.4f}   BWT {metrics['backward_transfer']:+.4f}   "
                   f"FWT {metrics['forward_transfer']:+.4f}   forgetting {metrics['forgetting']:.4f}", highlight=False)
