@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -94,7 +95,10 @@ def render(env: dict[str, Any], seconds: dict[str, float]) -> None:
         parts += [f"## {name}", "", *lines[2:], "Published orderings:", ""]
         results = checks(report)
         parts += [f"- {'holds' if ok else ('fails' if ok is False else 'not run')}: {text}" for text, ok in results]
-        parts += ["", f"Wall time: {seconds.get(name, float('nan')):.0f} s.", ""]
+        wall = seconds.get(name)
+        known = isinstance(wall, (int, float)) and not math.isnan(wall)
+        parts += ["", f"Wall time: {wall:.0f} s." if known else
+                  f"Wall time: not recorded (run as `polytask compare --suite {name}`).", ""]
         summary["suites"][name] = {"summary": report["summary"], "checks": dict(results),
                                    "seconds": seconds.get(name)}
     write_json(RESULTS / "routes.json", summary)
