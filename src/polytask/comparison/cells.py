@@ -61,6 +61,12 @@ def _accuracy(model: nn.Module, suite: ComparisonSuite, batch_size: int) -> tupl
     return {t: res[t]["accuracy"] for t in suite.task_names}, time.perf_counter() - start
 
 
+def linear_head_model(suite: ComparisonSuite) -> nn.Module:
+    """A fresh copy of the body with one linear head per task (shared-bottom with no bottom or tower)."""
+    return ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
+                                **JOINT_ARCH_OPTIONS["shared-bottom"])
+
+
 def with_probe_heads(model: nn.Module, suite: ComparisonSuite) -> nn.Module:
     """Start each linear head from the task's linear probe (LP-FT, as the individual models start)."""
     for t, probe in suite.probe_heads().items():
@@ -76,9 +82,7 @@ def body_inference_seconds(suite: ComparisonSuite) -> float:
     """Seconds to predict every task's test set with one body and the task heads (the form of the
     merged model, the probes and each individual model: one body pass per sample)."""
     seed_everything(0)
-    model = ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec, backbone=suite.body(),
-                                 bottom=[], tower=[])
-    return _accuracy(model, suite, 256)[1]
+    return _accuracy(linear_head_model(suite), suite, 256)[1]
 
 
 def _body_sizes(suite: ComparisonSuite) -> tuple[int, int]:
@@ -117,8 +121,7 @@ def continual_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, 
     scenario = Scenario.from_suite(suite.suite)
 
     def model() -> nn.Module:
-        return with_probe_heads(ARCHITECTURES.create("shared-bottom", suite.suite.tasks, suite.suite.input_spec,
-                                                     backbone=suite.body(), bottom=[], tower=[]), suite)
+        return with_probe_heads(linear_head_model(suite), suite)
 
     result = run_continual(ContinualConfig(scenario=suite.name, strategy=method, train=cfg), scenario=scenario,
                            model=model)

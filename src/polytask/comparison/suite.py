@@ -24,13 +24,11 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
 from polytask.sampling import concat_task_data
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
-from polytask.trainer import TrainConfig, Trainer, seed_everything
 
 #: the comparison suites and the build options ``compare`` gives them (the user's override these). With the merge
 #: benchmark's vision-merge (blocks 11-15 fine-tuned for 2 epochs) the frozen body with linear probes reaches
@@ -120,39 +118,14 @@ def comparison_suite(merge_suite: Any) -> ComparisonSuite:
     return ComparisonSuite(merge_suite, suite, trainable)
 
 
-@torch.no_grad()
-def _encode(body: nn.Module, x: Tensor, batch_size: int = 128) -> Tensor:
-    body.eval()
-    return torch.cat([body(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def linear_probes(merge_suite: Any) -> dict[str, nn.Linear]:
-    """Step 1 of the suite's LP-FT for every task: a linear head trained on the frozen body's features
-    with the suite's probe settings, seeded as the build seeds it."""
+    """Step 1 of the suite's LP-FT for every task, exactly as its build ran it (same recipe and seeds)."""
+    from polytask.merging.suites import linear_probe
+
     seed = int(merge_suite.meta["resolved_options"].get("seed", 0))
-    probe_cfg = merge_suite.meta["finetune"]["probe"]
-    heads = {}
-    for i, t in enumerate(merge_suite.tasks):
-        task = Task(t, "multiclass", num_classes=int(merge_suite.meta["classes"][t]))
-        feats = {s: _encode(merge_suite.body, merge_suite.data[t][s][0]) for s in ("train", "val")}
-        seed_everything(seed * 7919 + i)
-        head = nn.Linear(int(merge_suite.meta["head_in"]), task.num_classes)
-        cfg = TrainConfig(**probe_cfg, seed=seed, progress=False, num_threads=None)
-        Trainer(_Head(head, t), [task], "ew", cfg).fit(MultiTaskData(feats["train"], {t: merge_suite.data[t]["train"][1]}),
-                                                       MultiTaskData(feats["val"], {t: merge_suite.data[t]["val"][1]}))
-        heads[t] = head.requires_grad_(True)
-    return heads
-
-
-class _Head(nn.Module):
-    """A head as the Trainer wants it: ``forward(features) -> {task: logits}``."""
-
-    def __init__(self, head: nn.Module, task: str) -> None:
-        super().__init__()
-        self.head, self.task = head, task
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {self.task: self.head(x)}
+    return {t: linear_probe(merge_suite.body, Task(t, "multiclass", num_classes=int(merge_suite.meta["classes"][t])),
+                            merge_suite.data[t], merge_suite.meta["finetune"]["probe"], seed, i).requires_grad_(True)
+            for i, t in enumerate(merge_suite.tasks)}
 
 
 def _xy(split: tuple[Tensor, Tensor], task: str) -> tuple[Tensor, dict[str, Tensor]]:

@@ -32,8 +32,9 @@ The build, the cache and the loaded suite are in :mod:`.base`.
 """
 
 from polytask._autoload import import_submodules
-from polytask.merging.suites.base import MergeSuite, Prepared, SuiteSpec, get_spec, load_merge_suite, suite_names
+from polytask.merging.suites.base import (MergeSuite, Prepared, SuiteSpec, get_spec, linear_probe, load_merge_suite,
+                                          suite_names)
 
 import_submodules(__name__, __path__)
 
-__all__ = ["MergeSuite", "Prepared", "SuiteSpec", "get_spec", "load_merge_suite", "suite_names"]
+__all__ = ["MergeSuite", "Prepared", "SuiteSpec", "get_spec", "linear_probe", "load_merge_suite", "suite_names"]

@@ -253,14 +253,7 @@ def build_suite(spec: type[SuiteSpec], directory: Path, options: dict[str, Any],
             task = Task(t, "multiclass", num_classes=prep.classes[t])
             splits = {s: MultiTaskData(*_xy(prep.data[t][s], t)) for s in SPLITS}
             # 1. linear probe on the frozen pretrained features (LP-FT)
-            with torch.no_grad():
-                feats = {s: _encode(base_body, prep.data[t][s][0]) for s in ("train", "val")}
-            seed_everything(seed * 7919 + i)
-            head = nn.Linear(head_in, prep.classes[t])
-            probe = FineTuneNet(nn.Identity(), head, t)
-            pcfg = TrainConfig(**prep.probe, seed=seed, progress=False, num_threads=None)
-            Trainer(probe, [task], "ew", pcfg).fit(MultiTaskData(feats["train"], {t: prep.data[t]["train"][1]}),
-                                                   MultiTaskData(feats["val"], {t: prep.data[t]["val"][1]}))
+            head = linear_probe(base_body, task, prep.data[t], prep.probe, seed, i)
             # 2. fine-tune body and head together
             body = prep.body()
             net = FineTuneNet(body, head, t)
@@ -299,6 +292,22 @@ def build_suite(spec: type[SuiteSpec], directory: Path, options: dict[str, Any],
         }
         write_json(tmp / "meta.json", meta)
     return meta
+
+
+def linear_probe(body: nn.Module, task: Task, data: dict[str, Split], probe: dict[str, Any], seed: int,
+                 index: int) -> nn.Linear:
+    """Step 1 of LP-FT for the ``index``-th task: a linear head trained on the frozen ``body``'s features
+    of the task's train split (validation for the best epoch), seeded by (seed, index)."""
+    from polytask.trainer import TrainConfig, Trainer, seed_everything
+
+    with torch.no_grad():
+        feats = {s: _encode(body, data[s][0]) for s in ("train", "val")}
+    seed_everything(seed * 7919 + index)
+    head = nn.Linear(body.out_dim, task.num_classes)
+    cfg = TrainConfig(**probe, seed=seed, progress=False, num_threads=None)
+    Trainer(FineTuneNet(nn.Identity(), head, task.name), [task], "ew", cfg).fit(
+        MultiTaskData(feats["train"], {task.name: data["train"][1]}), MultiTaskData(feats["val"], {task.name: data["val"][1]}))
+    return head
 
 
 def _xy(split: Split, task: str) -> tuple[Tensor, dict[str, Tensor]]:
