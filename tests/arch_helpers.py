@@ -10,7 +10,11 @@ from polytask.tasks import InputSpec
 
 
 def example_inputs(spec: InputSpec, batch: int, seed: int = 0):
-    """Random inputs of ``spec`` (dense, image or recsys) for ``batch`` samples."""
+    """Random inputs of ``spec`` (dense, image, recsys or tokens) for ``batch`` samples."""
+    if spec.kind == "tokens":
+        from hf_helpers import token_inputs
+
+        return token_inputs(batch, spec.seq_len, seed)
     g = torch.Generator().manual_seed(seed)
     if spec.kind == "dense":
         return torch.randn(batch, spec.dim, generator=g)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,29 +17,38 @@ from polytask.tasks import InputSpec, Task
 from polytask.weighting.base import GradContext
 import polytask.data  # noqa: F401
 from arch_helpers import abc_losses, example_inputs, names_of, nonzero, open_feature_gates
+from hf_helpers import tiny_bert
 
 TASKS = [Task("a", "binary"), Task("b", "multiclass", num_classes=3), Task("c", "regression")]
 DENSE = InputSpec("dense", dim=10)
 RECSYS = InputSpec("recsys", field_vocab=(5, 7, 11), seq_names=("click", "like"), item_vocab=30, seq_len=6,
                    dense_dim=3)
 B = 6
+TOKENS = InputSpec("tokens", seq_len=8)
 RECSYS_ONLY = {"dtrn"}
-VARIANTS = {"dtrn": [{}, {"top": "mmoe"}], "taskexpert": [{}, {"num_layers": 3}]}
+# per-task parts inside a transformer: a tiny BERT built from a config; trained shared weights and
+# random LoRA B (peft's default B = 0 gives A no gradient at the start)
+TINY = {"backbone": "hf", "backbone_options": {"path": str(tiny_bert(Path(tempfile.mkdtemp()) / "bert"))},
+        "shared": "full"}
+TOKENS_ONLY = {"task-lora": [{**TINY, "lora_init": False}], "task-prompt": [TINY]}
+VARIANTS = {"dtrn": [{}, {"top": "mmoe"}], "taskexpert": [{}, {"num_layers": 3}], **TOKENS_ONLY}
 EXPERT_ARCHS = {"cgc", "cross-stitch", "dtrn", "home", "mmoe", "ple", "taskexpert"}
 # task-owned parameters that other tasks' losses reach by design: cross-stitch columns are
 # mixed through the shared alpha units (only its heads are reached by their own task alone)
 MIXED = {"cross-stitch": ("columns.",)}
 # the cut leaves some shared parameters above it (DTRN's interest module reads the cut
 # embeddings), so those get the task gradients directly, not through last_rep
-PARTIAL_CUT = {"dtrn"}
+PARTIAL_CUT = {"dtrn", *TOKENS_ONLY}
 
 
 def _cases() -> list:
     cases = []
     for name in ARCHITECTURES.names():
-        for spec, kind in ([] if name in RECSYS_ONLY else [(DENSE, "dense")]) + [(RECSYS, "recsys")]:
+        specs = [(TOKENS, "tokens")] if name in TOKENS_ONLY else (
+            ([] if name in RECSYS_ONLY else [(DENSE, "dense")]) + [(RECSYS, "recsys")])
+        for spec, kind in specs:
             for opts in VARIANTS.get(name, [{}]):
-                label = "-".join([name, kind, *(f"{k}={v}" for k, v in opts.items())])
+                label = "-".join([name, kind, *(f"{k}={v}" for k, v in opts.items() if k not in TINY)])
                 cases.append(pytest.param(name, spec, opts, id=label))
     return cases
 

@@ -35,6 +35,74 @@ def test_ties_matches_hand_computed_trim_elect_disjoint_mean():
     assert torch.equal(half, torch.tensor([2.5, -2.0, 2.0, -0.75, 1.0]))
 
 
+def test_ties_trims_whole_task_vector_by_default_and_per_tensor_as_an_option():
+    base = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    ft = {"a": torch.tensor([4.0, 3.0, 0.5]), "b": torch.tensor([1.0, -2.0])}
+    # 5 entries, density 0.4 keeps 2: globally the two largest (4, 3); per tensor one of a (4) and one of b (-2)
+    whole = MERGERS.create("ties", density=0.4).merge(base, [ft])
+    assert torch.equal(whole["a"], torch.tensor([4.0, 3.0, 0.0])) and torch.equal(whole["b"], torch.tensor([0.0, 0.0]))
+    per = MERGERS.create("ties", density=0.4, trim="tensor").merge(base, [ft])
+    assert torch.equal(per["a"], torch.tensor([4.0, 0.0, 0.0])) and torch.equal(per["b"], torch.tensor([0.0, -2.0]))
+
+
+@pytest.mark.parametrize("merge_func, expect", [("mean", [2.0, -3.0]), ("sum", [4.0, -6.0]), ("max", [3.0, -4.0])])
+def test_ties_merge_funcs_by_hand(merge_func, expect):
+    base, fts = _models([0.0, 0.0], [1.0, -2.0], [3.0, 1.0], [-1.0, -4.0])  # elected signs (+, -)
+    merged = MERGERS.create("ties", density=1.0, merge_func=merge_func).merge(base, fts)["w"]
+    assert torch.equal(merged, torch.tensor(expect))
+
+
+def test_ties_per_model_weights_and_densities():
+    base, fts = _models([0.0, 0.0], [1.0, -2.0], [3.0, 1.0], [-1.0, -4.0])
+    weighted = MERGERS.create("ties", density=1.0, weights=[1.0, 0.5, 1.0]).merge(base, fts)["w"]
+    # weighted deltas [1, -2], [1.5, 0.5], [-1, -4]; signs (+, -); (1 + 1.5) / (1 + 0.5) and (-2 - 4) / 2
+    assert torch.equal(weighted, torch.tensor([2.5 / 1.5, -3.0]))
+    sparse = MERGERS.create("ties", density=[1.0, 0.5, 0.5], trim="tensor").merge(base, fts)["w"]
+    # model 2 keeps 3, model 3 keeps -4: sums (4, -6) -> (1 + 3) / 2, (-2 - 4) / 2
+    assert torch.equal(sparse, torch.tensor([2.0, -3.0]))
+    with pytest.raises(PolytaskError, match="option density has 2 values but 3 models are merged"):
+        MERGERS.create("ties", density=[0.5, 0.5]).merge(base, fts)
+
+
+def test_dare_matrices_only_leaves_biases_and_norms_whole():
+    base = {"w": torch.zeros(50, 40), "b": torch.zeros(40), "norm": torch.zeros(40)}
+    ft = {k: torch.ones_like(v) for k, v in base.items()}
+    merged = MERGERS.create("dare", density=0.5, lam=1.0, matrices_only=True).merge(base, [ft])
+    assert torch.equal(merged["b"], torch.ones(40)) and torch.equal(merged["norm"], torch.ones(40))
+    assert set(merged["w"].unique().tolist()) == {0.0, 2.0}
+    everything = MERGERS.create("dare", density=0.5, lam=1.0).merge(base, [ft])
+    assert set(everything["b"].unique().tolist()) <= {0.0, 2.0} and not torch.equal(everything["b"], torch.ones(40))
+    unscaled = MERGERS.create("dare", density=0.5, lam=1.0, rescale=False).merge(base, [ft])
+    assert torch.equal(unscaled["w"], everything["w"] / 2)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("average", {}), ("task-arithmetic", {}), ("ties", {}), ("ties", {"trim": "tensor", "merge_func": "max"}),
+    ("dare", {"density": 0.3}), ("dare", {"ties": True, "matrices_only": True}), ("breadcrumbs", {}),
+    ("breadcrumbs", {"ties": True, "merge_func": "sum"}), ("fisher", {}),
+])
+def test_merging_a_model_with_itself_gives_back_the_base(method, options):
+    base, _ = _checkpoints(1)
+    if method == "fisher":
+        options = {"fishers": [{k: torch.ones(v.shape) for k, v in base.items() if v.is_floating_point()}] * 2}
+    merged = MERGERS.create(method, **options).merge(base, [base, base])
+    assert all(torch.equal(merged[k], base[k]) and merged[k].dtype == base[k].dtype for k in base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_radix_selection_equals_kthvalue_of_the_concatenation(dtype):
+    from polytask.merging._sparse import kth_largest_streaming
+
+    g = torch.Generator().manual_seed(0)
+    parts = [[torch.randn(n, generator=g, dtype=dtype).abs().round(decimals=1) for n in (1000, 7, 3000)] for _ in range(2)]
+    parts[1][1].zero_()
+    ks = [1, 2500]
+    got = kth_largest_streaming(lambda: ([parts[0][i], parts[1][i]] for i in range(3)), ks, dtype)
+    for t, k in enumerate(ks):
+        flat = torch.cat(parts[t])
+        assert got[t] == float(flat.kthvalue(flat.numel() - k + 1).values)
+
+
 def test_task_arithmetic_hand_case():
     base, fts = _models([1.0, 2.0], [0.5, -1.0], [1.0, 1.0])
     merged = MERGERS.create("task-arithmetic", lam=0.5).merge(base, fts)["w"]
@@ -178,6 +246,7 @@ def _checkpoints(n: int = 3) -> tuple[dict, list[dict]]:
 @pytest.mark.parametrize("method, options", [
     ("average", {}), ("task-arithmetic", {"lam": 0.4}), ("ties", {"density": 0.3}), ("dare", {"density": 0.5, "seed": 7}),
     ("dare", {"density": 0.7, "ties": True}), ("breadcrumbs", {"density": 0.4, "beta": 0.1}), ("fisher", {}),
+    ("ties", {"density": 0.3, "trim": "tensor", "merge_func": "sum"}), ("dare", {"density": [0.5, 0.6, 0.7], "matrices_only": True}),
 ])
 def test_streaming_merge_equals_in_memory_bit_for_bit(tmp_path, method, options):
     base, fts = _checkpoints()
@@ -345,11 +414,19 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
             mask &= mag <= mag.kthvalue(n - drop_top).values
         return d.mul_(mask.view_as(d))
 
+    thresholds = []  # TIES' default: one threshold per whole task vector (kthvalue over all its entries)
+    if method == "ties" and options.get("trim", "global") == "global":
+        for ft in fts:
+            flat = torch.cat([(ft[k] - base[k]).reshape(-1) for k in base]).abs()
+            keep = round(options["density"] * flat.numel())
+            thresholds.append(None if keep == 0 else flat.kthvalue(flat.numel() - keep + 1).values)
     out = {}
     for key, b in base.items():
         deltas = [ft[key] - b for ft in fts]
         n = b.numel()
-        if method == "ties":
+        if thresholds:
+            deltas = [d.zero_() if t is None else d.mul_(d.abs() >= t) for d, t in zip(deltas, thresholds)]
+        elif method == "ties":
             deltas = [trim(d, n - round(options["density"] * n), 0) for d in deltas]
         elif method == "breadcrumbs":
             deltas = [trim(d, round((1 - options["density"] - options["beta"]) * n), round(options["beta"] * n))
@@ -366,9 +443,17 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
             total, count = torch.zeros_like(b), torch.zeros_like(b)
             for d in deltas:
                 agree = (d * elected) > 0
-                total += d * agree
+                if options.get("merge_func") == "max":
+                    total = torch.maximum(total, d.abs() * agree)
+                else:
+                    total += d * agree
                 count += agree
-            combined = total.div_(count.clamp_(min=1.0))
+            if options.get("merge_func") == "max":
+                combined = total * elected
+            elif options.get("merge_func") == "sum":
+                combined = total
+            else:
+                combined = total.div_(count.clamp_(min=1.0))
         else:
             combined = deltas[0].clone()
             for d in deltas[1:]:
@@ -379,7 +464,10 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
 
 @pytest.mark.parametrize("method, options", [
     ("ties", {"density": 0.2, "lam": 1.0}), ("ties", {"density": 0.37, "lam": 0.7}), ("ties", {"density": 0.0, "lam": 1.0}),
-    ("ties", {"density": 1.0, "lam": 1.0}), ("breadcrumbs", {"density": 0.37, "beta": 0.03, "lam": 0.3}),
+    ("ties", {"density": 1.0, "lam": 1.0}), ("ties", {"density": 0.37, "lam": 0.7, "trim": "tensor"}),
+    ("ties", {"density": 0.2, "lam": 1.0, "trim": "tensor", "merge_func": "sum"}),
+    ("ties", {"density": 0.3, "lam": 1.0, "merge_func": "max"}), ("ties", {"density": 0.3, "lam": 0.5, "merge_func": "sum"}),
+    ("breadcrumbs", {"density": 0.37, "beta": 0.03, "lam": 0.3}),
     ("breadcrumbs", {"density": 0.5, "beta": 0.0, "lam": 1.0}), ("breadcrumbs", {"density": 0.8, "beta": 0.2, "lam": 1.0}),
     ("dare", {"density": 0.1, "seed": 3, "lam": 0.3}), ("dare", {"density": 0.3, "seed": 0, "lam": 1.0, "ties": True}),
 ])

@@ -28,7 +28,7 @@ def test_masked_loss_all_missing_is_zero_with_zero_grad():
 
 def test_task_validation_messages():
     with pytest.raises(PolytaskError, match="kind"):
-        Task("x", "ranking")  # type: ignore[arg-type]
+        Task("x", "ordinal")  # type: ignore[arg-type]
     with pytest.raises(PolytaskError, match="does not apply"):
         Task("x", "regression", metrics=("auroc",))
     with pytest.raises(PolytaskError, match="num_classes"):

@@ -91,6 +91,41 @@ def test_mgda_loss_plus_normalisation_changes_the_weights() -> None:
     torch.testing.assert_close(alpha, torch.tensor([1 / 17, 16 / 17], dtype=torch.float64))
 
 
+def test_mgda_orthogonal_gradients_weigh_inversely_to_squared_norm() -> None:
+    _, alpha, _ = step("mgda", torch.tensor([[2.0, 0.0], [0.0, 1.0]]), normalization="none")
+    # min 4a^2 + (1 - a)^2 at a = 1/5: alpha_t proportional to 1/||g_t||^2
+    torch.testing.assert_close(alpha, torch.tensor([0.2, 0.8], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_mgda_dominated_pair_puts_all_weight_on_the_short_gradient() -> None:
+    # g1 . g2 = 2 >= ||g1||^2 = 1: the min-norm point of the segment is g1 itself
+    g, alpha, _ = step("mgda", torch.tensor([[1.0, 0.0], [2.0, 1.0]]), normalization="none")
+    torch.testing.assert_close(alpha, torch.tensor([1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_mgda_three_gradients_min_norm_on_an_edge() -> None:
+    # edge g1-g2: min 4a^2 + (1 - a)^2 at a = 1/5, d = (0.4, 0.8), ||d||^2 = 0.8 <= g3 . d = 3.6
+    grads = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    g, alpha, _ = step("mgda", grads, normalization="none")
+    torch.testing.assert_close(alpha, torch.tensor([0.2, 0.8, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, torch.tensor([0.4, 0.8], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_weights_meet_the_kkt_conditions_exactly(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(3 + seed, 4, generator=gen, dtype=torch.float64)
+    g, alpha, _ = step("mgda", grads, normalization="none")
+    m = grads @ grads.T
+    value = alpha @ m @ alpha
+    assert float(alpha.min()) >= 0 and float(alpha.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert float((m @ alpha - value).min()) >= -1e-12                       # no vertex lowers the norm
+    support = alpha > 1e-9
+    torch.testing.assert_close((m @ alpha)[support], value.expand(int(support.sum())), rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, alpha @ grads)
+
+
 def test_cagrad_with_c_zero_is_the_mean_gradient_times_t() -> None:
     grads = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 0.0, 2.0], [0.5, 1.0, 1.0]])
     g, _, _ = step("cagrad", grads, c=0.0)
@@ -122,12 +157,33 @@ def test_imtl_loss_scale_gets_its_gradient() -> None:
 
 def test_nash_mtl_weights_solve_the_bargaining_equation() -> None:
     torch.manual_seed(1)
-    grads = torch.randn(3, 6)
+    grads = 7.0 * torch.randn(3, 6)   # ||M||_F far from 1: the raw Eq. 5, not the normalised one
     _, alpha, _ = step("nash-mtl", grads, max_norm=0.0)
     m = grads.double() @ grads.double().T
-    m = m / m.norm()
-    torch.testing.assert_close(m @ alpha, 1 / alpha, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(m @ alpha, 1 / alpha, rtol=1e-7, atol=1e-9)
     assert nash_weights(np.array([[1.0, -1.0], [-1.0, 1.0]]), np.ones(2)) is None  # opposite gradients: no solution
+
+
+def test_nash_mtl_orthogonal_gradients_get_inverse_norm_weights() -> None:
+    # M = diag(4, 1): alpha_t^2 ||g_t||^2 = 1, so alpha = (1/2, 1) and each task improves by 1/alpha_t
+    g, alpha, _ = step("nash-mtl", torch.tensor([[2.0, 0.0], [0.0, 1.0]]), max_norm=0.0)
+    torch.testing.assert_close(alpha, torch.tensor([0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(g, torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+
+def test_nash_mtl_weights_scale_inversely_with_the_gradients_and_warm_start_keeps_them() -> None:
+    torch.manual_seed(2)
+    grads = torch.randn(3, 5, dtype=torch.float64)
+    model = Linear(grads)
+    w = WEIGHTINGS.create("nash-mtl", ["a", "b", "c"], max_norm=0.0)
+    ctx = GradContext(model, "params")
+    first = w.backward(model.losses(), ctx)
+    model.theta.grad, ctx.grads = None, None
+    torch.testing.assert_close(w.backward(model.losses(), ctx), first, rtol=1e-12, atol=0)
+    m = (grads @ grads.T).numpy()
+    np.testing.assert_allclose(nash_weights(m, first.numpy()), first.numpy(), rtol=1e-14)  # warm start: a fixed point
+    scaled = nash_weights(100.0 * (grads @ grads.T).numpy(), first.numpy())   # M -> c^2 M: alpha -> alpha / c
+    np.testing.assert_allclose(scaled, first.numpy() / 10.0, rtol=1e-9)
 
 
 def test_nash_mtl_reuses_weights_between_updates() -> None:

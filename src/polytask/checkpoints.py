@@ -18,12 +18,13 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+import warnings
+from typing import Any, Callable, Iterator
 
-from safetensors.torch import load_file
 from torch import Tensor
 
-from polytask.io import save_safetensors, write_json, write_text
+from polytask.errors import PolytaskError, PolytaskWarning
+from polytask.io import load_safetensors, save_safetensors, write_json, write_text
 
 
 @contextmanager
@@ -62,6 +63,30 @@ class CheckpointDir:
             if old not in kept and old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def restore(self, load: Callable[[Path], None]) -> Path | None:
+        """Call ``load`` on the newest checkpoint it accepts: ``LATEST`` first, then older folders.
+
+        A checkpoint that is missing or fails to load (damaged files) is skipped with a
+        :class:`PolytaskWarning`; returns the folder loaded, or None if there was none to load.
+        """
+        named = self.latest()
+        older = sorted((p for p in self.root.glob(f"{self.prefix}-*") if p.is_dir() and p != named), reverse=True)
+        candidates = ([named] if named is not None else []) + older
+        if (self.root / "LATEST").exists() and named is None:
+            _warn(f"{self.root / 'LATEST'} names a checkpoint that does not exist")
+        for folder in candidates:
+            try:
+                load(folder)
+            except (PolytaskError, OSError, ValueError, KeyError, RuntimeError) as exc:
+                _warn(f"skipping damaged checkpoint {folder} ({' '.join(str(exc).split())[:200]})")
+                continue
+            if folder != named:
+                _warn(f"resuming from the older checkpoint {folder.name}")
+            return folder
+        if candidates or (self.root / "LATEST").exists():
+            _warn("no usable checkpoint is left; starting from the beginning")
+        return None
+
     def latest(self) -> Path | None:
         """The newest finished checkpoint folder, or None."""
         latest = self.root / "LATEST"
@@ -80,9 +105,16 @@ def save_state(folder: Path, state: dict[str, Any]) -> None:
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """The state :func:`save_state` wrote in ``folder``."""
-    tensors = load_file(str(folder / "state.safetensors"))
-    return _decode(json.loads((folder / "state.json").read_text()), tensors)
+    """The state :func:`save_state` wrote in ``folder`` (one-line errors if it is damaged)."""
+    tensors = load_safetensors(folder / "state.safetensors", root=folder)
+    try:
+        return _decode(json.loads((folder / "state.json").read_text()), tensors)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PolytaskError(f"{folder / 'state.json'} is missing or damaged ({type(exc).__name__})") from exc
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, PolytaskWarning, stacklevel=3)
 
 
 def _encode(obj: Any, tensors: dict[str, Tensor], path: str) -> Any:

@@ -8,6 +8,7 @@ run's one ``seed``; each is saved as the run's ``config.yaml`` and read back by 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -61,13 +62,35 @@ class RouteConfig:
         return cls.from_dict(read_yaml(path), source=f"config file {str(path)!r}")
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no ``!!python`` tags) that also reads ``1e-3`` as a number, as YAML 1.2 does."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (see :class:`YamlLoader`)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML mapping, with one-line errors for a missing file, bad syntax or a non-mapping."""
     p = Path(path)
     if not p.is_file():
         raise PolytaskError(f"config file {str(p)!r} does not exist; pass the path of a YAML run config")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text())
+    except yaml.constructor.ConstructorError as exc:
+        raise PolytaskError(f"config file {str(p)!r} uses a YAML tag polytask does not load ({exc.problem}); "
+                            "write plain values (numbers, strings, lists, mappings)") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

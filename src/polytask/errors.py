@@ -8,3 +8,7 @@ class PolytaskError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class PolytaskWarning(UserWarning):
+    """Something the user should know that did not stop the run (the CLI prints it as one line)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,22 +11,8 @@ from typing import Any, Iterator
 
 import torch
 import yaml
-from safetensors.torch import save_file
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool, kind: str = "run") -> None:
-    """Check a run directory before a run: resuming needs one, a fresh run must not clobber one."""
-    from polytask.errors import PolytaskError
-
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise PolytaskError(f"{str(out)!r} holds no {kind} to resume; start it with out={out}")
-        return
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            what = "a finished run" if (out / "metrics.json").exists() else "an unfinished run (pass resume=True to continue it)"
-            raise PolytaskError(f"output directory {str(out)!r} already holds {what}; pass overwrite=True or choose another out=")
-        shutil.rmtree(out)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 def cache_dir() -> Path:
@@ -72,3 +57,79 @@ def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tens
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
+
+
+_SAFETENSORS_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, in the order of ``layout`` (name -> (shape, dtype)),
+    so no more than one tensor is ever held: the header is known before the first tensor arrives.
+
+    The file is the format ``safetensors.torch.save_file`` writes (8-byte header length, JSON header
+    padded with spaces to 8 bytes, the tensors' bytes back to back); write it into a temporary path.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], layout: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self._expect: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
+        for name, shape, dtype in layout:
+            size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._expect.append((name, tuple(shape), dtype, size))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(path, "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append tensor ``name``, which must be the next one of the layout, with its shape and dtype."""
+        want, shape, dtype, size = self._expect[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected tensor {want!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if size:
+            self._file.write(data.view(torch.uint8).numpy().data if data.dtype != torch.bool else data.numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the file (every tensor of the layout must have been written)."""
+        missing = len(self._expect) - self._next
+        self._file.close()
+        if missing:
+            raise ValueError(f"{missing} tensors of the layout were not written")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+def load_safetensors(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never a pickle) with one-line errors for a missing, truncated or
+    lying file; with ``root``, a file (or link) that resolves outside ``root`` is refused."""
+    from polytask.errors import PolytaskError
+
+    p = Path(path)
+    if root is not None and not p.resolve().is_relative_to(Path(root).resolve()):
+        raise PolytaskError(f"{str(p)!r} points outside {str(root)!r} (a symbolic link?); refusing to read it")
+    if not p.is_file():
+        raise PolytaskError(f"{str(p)!r} does not exist; pass the path of a .safetensors file")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PolytaskError(f"{str(p)!r} is not a readable safetensors file ({reason}); "
+                            "it is damaged or of another format") from exc

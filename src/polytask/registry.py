@@ -6,10 +6,12 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import warnings
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from polytask.errors import PolytaskError
+from polytask.errors import PolytaskError, PolytaskWarning
 
 T = TypeVar("T")
 
@@ -28,18 +30,23 @@ class Registry(Generic[T]):
         self.family = family
         self.package = package  # imported on first use: its modules register the family's entries
         self._entries: dict[str, Entry[T]] = {}
+        self._old_names: dict[str, str] = {}  # deprecated name -> current name
 
     def _load(self) -> None:
         if self.package is not None:
             package, self.package = self.package, None
             importlib.import_module(package)
 
-    def register(self, name: str, description: str | None = None) -> Callable[[T], T]:
-        """Decorator: register ``obj`` under ``name``; the description defaults to the docstring's first line."""
+    def register(self, name: str, description: str | None = None, *, old_names: tuple[str, ...] = ()) -> Callable[[T], T]:
+        """Decorator: register ``obj`` under ``name``; the description defaults to the docstring's first line.
+
+        ``old_names`` still find ``obj`` but warn (:class:`DeprecatedName`); :meth:`names` lists only ``name``.
+        """
 
         def decorator(obj: T) -> T:
-            if name in self._entries:
+            if name in self._entries or name in self._old_names:
                 raise ValueError(f"{self.family} {name!r} is registered twice")
+            self._old_names.update(dict.fromkeys(old_names, name))
             text = description or " ".join((inspect.getdoc(obj) or "").strip().split("\n\n")[0].split())
             self._entries[name] = Entry(name, obj, text)
             return obj
@@ -48,6 +55,11 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._load()
+        if name in self._old_names:
+            new = self._old_names[name]
+            warnings.warn(f"{self.family} {name!r} is deprecated and will be removed; use {new!r}", DeprecatedName,
+                          stacklevel=2)
+            name = new
         if name not in self._entries:
             close = difflib.get_close_matches(name, self._entries, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -59,8 +71,15 @@ class Registry(Generic[T]):
     def create(self, name: str, *args: Any, **options: Any) -> Any:
         """Instantiate ``name`` with ``options``, rejecting options it does not take."""
         factory = self.get(name)
-        check_options(factory, options, f"{self.family} {name!r}")
-        return factory(*args, **options)
+        what = f"{self.family} {name!r}"
+        check_options(factory, options, what)
+        try:
+            return factory(*args, **options)
+        except (ValueError, RuntimeError, ZeroDivisionError, IndexError) as exc:
+            # A value the method did not validate itself (e.g. a size of 0 reaching torch): still one line.
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its default options"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PolytaskError(f"{what} cannot be built with {given} ({first}); check the option values") from exc
 
     def names(self) -> list[str]:
         self._load()
@@ -71,7 +90,11 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._entries
+        return name in self._entries or name in self._old_names
+
+
+class DeprecatedName(PolytaskWarning, FutureWarning):
+    """A method was asked for by a name it no longer has (shown by default; the CLI prints one line)."""
 
 
 def check_options(factory: Callable[..., Any], options: dict[str, Any], what: str) -> None:
@@ -94,11 +117,28 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
 
 
 def check_fields(cls: type, data: dict[str, Any], what: str) -> None:
-    """Raise a one-line error naming the first key of ``data`` that is not a field of dataclass ``cls``."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in names]
+    """Raise a one-line error naming the first key of ``data`` that is not a field of dataclass ``cls``,
+    or the first whose value has the wrong scalar type (``epochs: 2.5``, ``suite: 3``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
     if unknown:
-        raise PolytaskError(f"{what}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(names))}")
+        raise PolytaskError(f"{what}: unknown field {unknown[0]!r}; valid fields: {', '.join(sorted(fields))}")
+    for key, value in data.items():
+        check_type(what, key, value, fields[key].type)
+
+
+def check_type(what: str, key: str, value: Any, annotation: Any) -> None:
+    """One-line error if ``value`` is not of the plain scalar type ``annotation`` names (others pass)."""
+    expected = _scalar_type(annotation)
+    if expected is None:
+        return
+    optional = "None" in str(annotation)
+    if (value is None and not optional) or not _is_instance(value, expected):
+        raise PolytaskError(f"{what}: {key} must be {_article(expected)} (got {value!r})")
+
+
+def _article(t: type) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[t.__name__]
 
 
 _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
@@ -115,9 +155,9 @@ def _is_instance(value: Any, expected: type) -> bool:
     if value is None:
         return True
     if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     return isinstance(value, expected)
 
 

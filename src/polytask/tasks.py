@@ -15,16 +15,16 @@ from polytask.kinds import KINDS, TaskKind, get_kind
 
 Inputs = Tensor | dict[str, Tensor]
 
-LOWER_IS_BETTER = frozenset({"mse", "mae", "rmse", "loss"})
+LOWER_IS_BETTER = frozenset({"mse", "mae", "rmse", "loss", "logloss"})
 
 
 @dataclass
 class Task:
     """One prediction target: its kind, loss, metrics and head.
 
-    ``kind`` names a :mod:`polytask.kinds` kind (binary, multiclass, multilabel, regression);
-    ``num_classes`` is the number of classes (multiclass) or labels (multilabel);
-    binary and regression tasks have one output.
+    ``kind`` names a :mod:`polytask.kinds` kind (binary, multiclass, multilabel, regression, token,
+    seq2seq, ranking); ``num_classes`` is the number of classes (multiclass, token), labels
+    (multilabel) or vocabulary tokens (seq2seq); binary, regression and ranking tasks have one output.
     """
 
     name: str
@@ -228,6 +228,12 @@ class TaskSuite:
         xt: Inputs = {k: _tensor(v) for k, v in x.items()} if isinstance(x, dict) else _tensor(x)
         if not isinstance(xt, dict) and xt.is_floating_point():
             xt = xt.float()
+        if _length(xt) == 0:
+            raise PolytaskError("the dataset is empty; give at least one sample")
+        for key, part in (xt.items() if isinstance(xt, dict) else [("x", xt)]):
+            if part.is_floating_point() and not torch.isfinite(part).all():
+                bad = int((~torch.isfinite(part.reshape(len(part), -1))).any(-1).sum())
+                raise PolytaskError(f"{key} has NaN or infinite features in {bad} samples; impute or drop them first")
         unknown = [k for k in labels if k not in kinds]
         if unknown:
             raise PolytaskError(f"no kind given for task {unknown[0]!r}; pass kinds={{{unknown[0]!r}: {'|'.join(map(repr, KINDS))}}}")
@@ -241,6 +247,7 @@ class TaskSuite:
                 nan = torch.isnan(yt).reshape(len(yt), -1).any(-1)
                 mask = mask & ~nan
                 yt = torch.nan_to_num(yt)
+            _check_labels(tname, kinds[tname], yt, mask)
             yt, n_cls = get_kind(kinds[tname], tname).labels(yt, mask)
             tasks.append(Task(tname, kinds[tname], num_classes=n_cls))
             ys[tname], ms[tname] = yt, mask
@@ -274,6 +281,18 @@ class TaskSuite:
             else:
                 labels[col] = s.fillna(0).to_numpy(dtype=np.int64 if categorical else np.float32)
         return cls.from_tensors(x, labels, targets, masks=masks, name=name, **kwargs)
+
+
+def _check_labels(name: str, kind: str, y: Tensor, mask: Tensor) -> None:
+    """One-line errors for a task with no labelled sample or class labels out of range."""
+    if not mask.any():
+        raise PolytaskError(f"task {name!r} has no labelled sample (every label is masked or NaN); give labels or drop the task")
+    seen = y[mask]
+    if kind == "binary" and not bool(((seen == 0) | (seen == 1)).all()):
+        raise PolytaskError(f"task {name!r} is binary but has labels other than 0 and 1 (e.g. {seen[(seen != 0) & (seen != 1)][0].item()}); "
+                            "use kind 'multiclass' or map the labels to 0/1")
+    if kind == "multiclass" and not bool(((seen >= 0) & (seen == seen.round())).all()):
+        raise PolytaskError(f"task {name!r} is multiclass but has labels that are not whole numbers >= 0; number the classes 0..C-1")
 
 
 def _tensor(v: Any) -> Tensor:

@@ -14,7 +14,7 @@ import os
 from contextlib import nullcontext
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -22,16 +22,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from polytask.checkpoints import CheckpointDir, load_state, save_state
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors, write_text
+from polytask.io import load_safetensors, save_safetensors, write_text
 from polytask.metrics import Results, masked_task_losses
 from polytask.models.arch.base import AuxiliaryLoss
 import polytask.sampling as sampling
-from polytask.registry import WEIGHTINGS, check_fields
+from polytask.registry import WEIGHTINGS, check_fields, check_type
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.weighting.base import GradContext, Weighting
 
@@ -60,6 +59,8 @@ class TrainConfig:
     sampling: str = "proportional"  # per-task data: "per-task" or "round-robin" (see polytask.sampling)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            check_type("training options", f.name, getattr(self, f.name), f.type)
         if self.epochs < 1:
             raise PolytaskError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -68,6 +69,14 @@ class TrainConfig:
             raise PolytaskError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise PolytaskError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        for name in ("patience", "num_threads", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PolytaskError(f"{name} must be at least 1, got {value}")
+        if self.weight_decay < 0:
+            raise PolytaskError(f"weight_decay must be non-negative, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise PolytaskError(f"grad_clip must be positive (or left out to disable clipping), got {self.grad_clip}")
         sampling.check_sampling(self.sampling)
 
     @classmethod
@@ -105,6 +114,9 @@ class Hook:
 
     def after_backward(self, trainer: Trainer, batch: Batch) -> None:
         """Called after gradients are computed, before the optimizer step (e.g. gradient projection)."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """Called after each epoch, once its checkpoint is written."""
 
     def after_fit(self, trainer: Trainer) -> None:
         """Called once after training."""
@@ -184,7 +196,7 @@ class Trainer:
     @property
     def checkpoints(self) -> CheckpointDir:
         assert self.out_dir is not None
-        return CheckpointDir(self.out_dir / "checkpoints", "epoch")
+        return CheckpointDir(self.out_dir / "checkpoints", "epoch", keep=2)
 
     @property
     def is_main(self) -> bool:
@@ -197,13 +209,14 @@ class Trainer:
         self._check_data(train)
         if resume:
             self.load_checkpoint()
+        stopped = resume and cfg.patience is not None and self.bad_epochs >= cfg.patience
         for hook in self.hooks:
             hook.before_fit(self)
         steps_per_epoch = sampling.steps_per_epoch(train, [t.name for t in self.tasks], cfg.batch_size, cfg.sampling)
         with self._progress() as progress:
             task_id = progress.add_task("train", total=cfg.epochs * steps_per_epoch,
                                         completed=self.epoch * steps_per_epoch, info="")
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not stopped:
                 start = time.perf_counter()
                 mean_losses, weights = self._train_epoch(train, progress, task_id)
                 record: dict[str, Any] = {"epoch": self.epoch + 1, "time": time.perf_counter() - start}
@@ -221,6 +234,8 @@ class Trainer:
                 progress.update(task_id, info=_describe(record))
                 self._log(record)
                 self.save_checkpoint()
+                for hook in self.hooks:
+                    hook.after_epoch(self)
                 if stop:
                     break
         if cfg.restore_best and self.best_state is not None:
@@ -268,7 +283,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.model.representation_cut() if self.weighting.mode == "rep" else nullcontext():
             outputs = net(batch.x)
-        losses = masked_task_losses(self.tasks, outputs, batch)
+        # an architecture may redefine the labels its losses are taken on (ESMM/AITM: entire-space chains)
+        loss_batch = self.model.loss_batch(batch) if hasattr(self.model, "loss_batch") else batch
+        losses = masked_task_losses(self.tasks, outputs, loss_batch)
         extra = self.model.aux_loss if isinstance(self.model, AuxiliaryLoss) else None
         for hook in self.hooks:
             term = hook.extra_loss(self, batch, outputs)
@@ -358,22 +375,23 @@ class Trainer:
             save_state(folder, self.state())
 
     def load_checkpoint(self) -> bool:
-        """Restore the newest checkpoint in ``out_dir``; returns False if there is none."""
+        """Restore the newest good checkpoint in ``out_dir`` (a damaged one is skipped, with a
+        warning); returns False if there is none."""
         if self.out_dir is None:
             raise PolytaskError("resume needs an output directory holding checkpoints")
-        folder = self.checkpoints.latest()
-        if folder is None:
-            return False
-        self.model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        if (folder / "best.safetensors").exists():
-            self.best_state = load_file(str(folder / "best.safetensors"))
+        return self.checkpoints.restore(self._restore) is not None
+
+    def _restore(self, folder: Path) -> None:
+        weights = load_safetensors(folder / "model.safetensors", root=folder)
+        best = load_safetensors(folder / "best.safetensors", root=folder) if (folder / "best.safetensors").exists() else None
         state = load_state(folder)
+        self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
+        self.best_state = best
         self.epoch, self.step = state["epoch"], state["step"]
         self.history, self.best_score, self.bad_epochs = state["history"], state["best_score"], state["bad_epochs"]
         torch.set_rng_state(state["torch_rng"])
-        return True
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from polytask.config import load_yaml
 from polytask.errors import PolytaskError
 
 console = Console()
@@ -39,14 +40,9 @@ def parse_options(pairs: list[str] | None, what: str) -> dict[str, Any]:
         if not sep or not key:
             raise PolytaskError(f"{what} {pair!r} is not key=value; write e.g. {what} num_experts=4")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_yaml(value)
         except yaml.YAMLError as exc:
             raise PolytaskError(f"{what} {pair!r} has a value that is not valid YAML") from exc
-        if isinstance(parsed, str):  # YAML reads 1e-3 as a string; numbers should be numbers
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
         out[key.strip().replace("-", "_")] = parsed
     return out
 

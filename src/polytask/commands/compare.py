@@ -15,12 +15,12 @@ def register(app: typer.Typer) -> None:
         routes: str = typer.Option("joint,continual,merge", help="comma-separated routes"),
         methods: Optional[str] = typer.Option(None, help="ROUTE:METHOD list replacing that route's defaults, "
                                                          "e.g. joint:mmoe+uw,continual:ewc,merge:ties"),
-        seeds: int = typer.Option(1, help="number of seeds (0..K-1)"),
+        seeds: int = typer.Option(1, min=1, help="number of seeds (0..K-1)"),
         epochs: Optional[int] = typer.Option(None, help="training budget in epochs per task, the same for every "
                                                         "route (default: the suite's fine-tuning epochs)"),
         suite_option: Optional[list[str]] = typer.Option(None, help="suite build option key=value"),
         out: Optional[Path] = typer.Option(None, help="directory for the cells (cached, resumable) and the report"),
-        threads: int = typer.Option(1, help="torch CPU threads"),
+        threads: int = typer.Option(1, min=1, help="torch CPU threads"),
         progress: bool = typer.Option(True, help="show a progress bar over cells"),
     ) -> None:
         """Run joint, continual and merge methods on one suite from the same pretrained body; report them side by side."""

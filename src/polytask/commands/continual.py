@@ -11,6 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("continual")
     def continual_cmd(
+        ctx: typer.Context,
         scenario: Optional[str] = typer.Option(None, help="scenario name (polytask list scenario)"),
         strategy: str = typer.Option("finetune", help="continual strategy (polytask list strategy)"),
         arch: str = typer.Option("shared-bottom", help="architecture name (polytask list arch)"),
@@ -37,6 +38,11 @@ def register(app: typer.Typer) -> None:
         from polytask.errors import PolytaskError
 
         if resume:
+            given = [name for name in ctx.params if name not in ("out", "resume", "progress")
+                     and ctx.get_parameter_source(name).name == "COMMANDLINE"]
+            if given:  # an experience sequence cannot change its settings half-way through
+                raise PolytaskError(f"--resume continues the run in --out exactly as configured; drop "
+                                    f"--{given[0].replace('_', '-')} (or start a new run with another --out)")
             cfg = ContinualConfig(scenario="(from checkpoint)")
         else:
             if scenario is None:

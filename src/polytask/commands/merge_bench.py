@@ -30,12 +30,12 @@ def register(app: typer.Typer) -> None:
                                                        "vision-merge, text-merge, text-merge-lora"),
         methods: str = typer.Option("average,task-arithmetic,ties,dare,breadcrumbs",
                                     help="comma-separated mergers (polytask list merger)"),
-        seeds: int = typer.Option(1, help="number of seeds (0..K-1) for randomised mergers and data draws"),
+        seeds: int = typer.Option(1, min=1, help="number of seeds (0..K-1) for randomised mergers and data draws"),
         out: Optional[Path] = typer.Option(None, help="directory for metrics.json, results.csv, normalized_accuracy.png"),
         option: Optional[list[str]] = typer.Option(None, help="merger option METHOD.key=value or key=value (repeatable)"),
         suite_option: Optional[list[str]] = typer.Option(None, help="suite build option key=value, e.g. epochs=5"),
         tune: bool = typer.Option(True, help="choose λ of task-arithmetic/ties/dare/breadcrumbs on the validation split"),
-        threads: int = typer.Option(1, help="torch CPU threads"),
+        threads: int = typer.Option(1, min=1, help="torch CPU threads"),
         progress: bool = typer.Option(True, help="show a progress bar while building the suite"),
     ) -> None:
         """Merge a suite's fine-tuned models with each method; report accuracy normalised by the fine-tuned models."""

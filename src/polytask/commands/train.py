@@ -42,28 +42,30 @@ def register(app: typer.Typer) -> None:
         from polytask.errors import PolytaskError
         from polytask.joint import RunConfig, run
 
-        if resume:
-            cfg = RunConfig(suite="(from checkpoint)")
-        else:
-            base: dict[str, Any] = {}
-            if config is not None:
-                base = read_yaml(config)
-            flags = {"suite": suite, "arch": arch, "weighting": weighting, "backbone": backbone, "baseline": baseline}
-            base.update({k: v for k, v in flags.items() if v is not None})
-            for key, pairs in (("suite_options", suite_option), ("arch_options", arch_option),
-                               ("weighting_options", weighting_option), ("backbone_options", backbone_option)):
-                if pairs:
-                    base[key] = {**(base.get(key) or {}), **parse_options(pairs, "--" + key[:-1].replace("_", "-"))}
-            train_flags = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "monitor": monitor,
-                           "patience": patience, "num_threads": threads}
-            base["train"] = {**(base.get("train") or {}), **{k: v for k, v in train_flags.items() if v is not None}}
-            base["train"].setdefault("num_threads", 1)
-            if tensorboard:
-                base["train"]["tensorboard"] = True
+        stored = out / "config.yaml"
+        base: dict[str, Any] = {}
+        if resume and stored.is_file():  # flags given with --resume change the stored config (or are refused)
+            base = RunConfig.from_yaml(stored).to_dict()
+        if config is not None:
+            base.update(read_yaml(config))
+        flags = {"suite": suite, "arch": arch, "weighting": weighting, "backbone": backbone, "baseline": baseline}
+        base.update({k: v for k, v in flags.items() if v is not None})
+        for key, pairs in (("suite_options", suite_option), ("arch_options", arch_option),
+                           ("weighting_options", weighting_option), ("backbone_options", backbone_option)):
+            if pairs:
+                base[key] = {**(base.get(key) or {}), **parse_options(pairs, "--" + key[:-1].replace("_", "-"))}
+        train_flags = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "monitor": monitor,
+                       "patience": patience, "num_threads": threads}
+        base["train"] = {**(base.get("train") or {}), **{k: v for k, v in train_flags.items() if v is not None}}
+        base["train"].setdefault("num_threads", 1)
+        if tensorboard:
+            base["train"]["tensorboard"] = True
+        cfg: RunConfig | None = None
+        if not resume or stored.is_file():
             if "suite" not in base:
                 raise PolytaskError("no suite given; pass --suite NAME (see polytask list suite) or --config run.yaml")
+            base["train"]["progress"] = progress
             cfg = RunConfig.from_dict(base, source="the options")
-        cfg.train.progress = progress
         result = run(cfg, out, resume=resume, overwrite=overwrite)
         print_results(result.metrics["test"], f"{result.config.arch} + {result.config.weighting} on {result.config.suite} (test)")
         if result.metrics["delta_m"] is not None:

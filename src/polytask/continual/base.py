@@ -88,6 +88,14 @@ def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def grads_of(params: list[nn.Parameter]) -> list[Tensor]:
+    """The ``.grad`` of each parameter, a zero tensor set in place of a missing one (for in-place ``_foreach`` adds)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]  # type: ignore[misc]
+
+
 def batch_loss(model: nn.Module, tasks: list[Task], batch: Batch, outputs: dict[str, Tensor] | None = None) -> Tensor:
     """Sum over ``tasks`` labelled in ``batch`` of the masked mean task loss (0 if none is)."""
     present = [t for t in tasks if t.name in batch.mask and bool(batch.mask[t.name].any())]

@@ -6,7 +6,8 @@ the time it was stored. The loss of every step is (Eq. 6 of the paper)
 
     L = L(B_t) + α · E_{(x', z') ~ M} ‖z' − h_θ(x')‖²₂ + β · E_{(x'', y'') ~ M} ℓ(y'', f_θ(x'')),
 
-with two independent memory batches. The squared error is averaged over output units and
+with two independent memory batches. Registered as ``der++``; the old name ``der`` still works
+but warns (DER in the literature is Dynamically Expandable Representation, Yan et al. 2021). The squared error is averaged over output units and
 samples (the authors' code, ``F.mse_loss``), over the tasks each stored sample is labelled
 for. Needs no task boundaries.
 """
@@ -26,14 +27,14 @@ from polytask.tasks import Batch
 from polytask.trainer import Trainer
 
 
-@STRATEGIES.register("der")
+@STRATEGIES.register("der++", old_names=("der",))
 class DERPlusPlus(BufferStrategy):
     """DER++: replay stored logits (α·MSE) and labels (β·CE) from a reservoir memory (Buzzega et al. 2020)."""
 
     def __init__(self, *, memory: int = 500, alpha: float = 0.3, beta: float = 0.5, batch_size: int | None = None) -> None:
         super().__init__()
         if memory < 1 or alpha < 0 or beta < 0:
-            raise PolytaskError("der needs memory >= 1, alpha >= 0 and beta >= 0")
+            raise PolytaskError("der++ needs memory >= 1, alpha >= 0 and beta >= 0")
         self.memory, self.alpha, self.beta, self.replay_batch = int(memory), float(alpha), float(beta), batch_size
         self.buffer = ReservoirBuffer(self.memory)
 

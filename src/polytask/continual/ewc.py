@@ -8,7 +8,19 @@ Eq. 3, extended to several earlier experiences as in the paper (one penalty per 
 F_A is the diagonal of the Fisher information at θ*_A (the weights after experience A),
 estimated on ``fisher_samples`` training samples of A as the mean of squared per-sample
 gradients of log p(y|x). ``fisher="true"`` (default) draws y from the model's own predictive
-distribution (the Fisher proper); ``fisher="empirical"`` uses the dataset labels.
+distribution (the Fisher proper); ``fisher="empirical"`` uses the dataset labels. The
+per-sample gradients come from one batched pass (``torch.func``: vmap over grad) where the
+model allows it, else from one backward pass per sample.
+
+The sum of quadratics is one quadratic, so it is kept consolidated: with S_i = Σ_A F_{A,i},
+
+    Σ_A F_{A,i} (θ_i − θ*_{A,i})² = S_i (θ_i − m_i)² + c_i,
+    m_i = Σ_A F_{A,i} θ*_{A,i} / S_i,   c_i = Σ_A F_{A,i} (θ*_{A,i} − m_i)² ≥ 0,
+
+and a new experience (F, θ*) is folded in without cancellation: S' = S + F,
+m' = m + (F / S')(θ* − m), c' = c + Σ_i S_i F_i (m_i − θ*_i)² / S'_i. Penalty and gradient
+(λ S (θ − m), added straight to ``.grad`` after the backward pass) then cost one pass over
+the parameters, whatever the number of experiences.
 """
 
 from __future__ import annotations
@@ -17,38 +29,108 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
-from polytask.continual.base import Strategy, trainable
+from polytask.continual.base import Strategy, grads_of, trainable
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.trainer import Trainer
 
+#: per-sample gradients held at once by the batched Fisher (chunk size × parameter count)
+FISHER_CHUNK_ELEMENTS = 1 << 24
+
 
 def diagonal_fisher(model: nn.Module, tasks: list[Task], data: MultiTaskData, num_samples: int,
-                    generator: torch.Generator, mode: str = "true") -> dict[str, Tensor]:
-    """F_i = mean over samples of (∂/∂θ_i log p(y|x))², summed over the sample's labelled tasks."""
+                    generator: torch.Generator, mode: str = "true", batched: bool = True) -> dict[str, Tensor]:
+    """F_i = mean over samples of (∂/∂θ_i log p(y|x))², summed over the sample's labelled tasks.
+
+    ``mode="true"`` draws each task's labels for all its labelled samples at once, in task
+    order (for an experience that labels one task, the same draws as one sample at a time).
+    ``batched=False`` forces the per-sample loop (what the batched pass falls back to).
+    """
     params = trainable(model)
-    fisher = {n: torch.zeros_like(p) for n, p in params}
     n = min(num_samples, len(data))
     idx = torch.randperm(len(data), generator=generator)[:n]
-    sub = data.subset(idx)
+    batch = next(data.subset(idx).batches(n))
     was_training = model.training
     model.eval()
-    for batch in sub.batches(1):
+    try:
+        labels = _fisher_labels(model, tasks, batch, generator, mode)
+        sums = _sq_grad_sums_vmap(model, params, tasks, batch, labels) if batched else None
+        if sums is None:
+            sums = _sq_grad_sums_loop(model, params, tasks, batch, labels)
+    finally:
+        model.train(was_training)
+    return {name: s / n for (name, _), s in zip(params, sums)}
+
+
+def _fisher_labels(model: nn.Module, tasks: list[Task], batch: Batch, generator: torch.Generator,
+                   mode: str) -> dict[str, Tensor]:
+    if mode != "true":
+        return {t.name: batch.y[t.name] for t in tasks}
+    with torch.no_grad():
         out = model(batch.x)
-        nll = torch.zeros(())
+    labels = {}
+    for t in tasks:
+        y, m = batch.y[t.name].clone(), batch.mask[t.name]
+        if bool(m.any()):
+            y[m] = t.kind_impl.sample_labels(out[t.name][m], generator).to(y.dtype)
+        labels[t.name] = y
+    return labels
+
+
+def _sq_grad_sums_vmap(model: nn.Module, params: list[tuple[str, nn.Parameter]], tasks: list[Task], batch: Batch,
+                       labels: dict[str, Tensor]) -> list[Tensor] | None:
+    """Σ over samples of squared per-sample gradients from vmap(grad) in chunks; None if the model does not vmap."""
+    weights = {name: p.detach() for name, p in params}
+    masks = {t.name: batch.mask[t.name] for t in tasks}
+
+    def sample_loss(w: dict[str, Tensor], x: Any, y: dict[str, Tensor], m: dict[str, Tensor]) -> Tensor:
+        out = functional_call(model, w, (tree_map(lambda v: v.unsqueeze(0), x),))
+        total = torch.zeros((), dtype=next(iter(w.values())).dtype)
         for t in tasks:
-            if not bool(batch.mask[t.name].any()):
-                continue
-            y = t.kind_impl.sample_labels(out[t.name].detach(), generator) if mode == "true" else batch.y[t.name]
-            nll = nll + t.loss(out[t.name], y).sum()
+            loss = t.loss(out[t.name], y[t.name].unsqueeze(0)).sum()
+            total = total + torch.where(m[t.name], loss, torch.zeros_like(loss))
+        return total
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+    size = sum(p.numel() for _, p in params)
+    n = len(batch)
+    chunk = max(1, min(n, FISHER_CHUNK_ELEMENTS // max(size, 1)))
+    sums = [torch.zeros_like(p) for _, p in params]
+    try:
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            g = per_sample(weights, tree_map(lambda v: v[sl], batch.x), {k: v[sl] for k, v in labels.items()},
+                           {k: v[sl] for k, v in masks.items()})
+            torch._foreach_add_(sums, [g[name].pow(2).sum(0) for name, _ in params])
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None  # an op without a batching rule or data-dependent control flow: one sample at a time
+    finally:
+        reset = getattr(model, "reset_forward_state", None)
+        if reset is not None:
+            reset()
+    return sums
+
+
+def _sq_grad_sums_loop(model: nn.Module, params: list[tuple[str, nn.Parameter]], tasks: list[Task], batch: Batch,
+                       labels: dict[str, Tensor]) -> list[Tensor]:
+    """Σ over samples of squared per-sample gradients, one backward pass per sample."""
+    sums = [torch.zeros_like(p) for _, p in params]
+    for i in range(len(batch)):
+        one = batch.subset(torch.tensor([i]))
+        present = [t for t in tasks if bool(one.mask[t.name].any())]
+        if not present:
+            continue
+        out = model(one.x)
+        nll = sum(t.loss(out[t.name], labels[t.name][i:i + 1]).sum() for t in present)
         grads = torch.autograd.grad(nll, [p for _, p in params], allow_unused=True)
-        for (name, _), g in zip(params, grads):
+        for s, g in zip(sums, grads):
             if g is not None:
-                fisher[name] += g.detach() ** 2
-    model.train(was_training)
-    return {k: v / n for k, v in fisher.items()}
+                s += g.detach() ** 2
+    return sums
 
 
 def quadratic_penalty(model: nn.Module, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
@@ -58,6 +140,23 @@ def quadratic_penalty(model: nn.Module, fisher: dict[str, Tensor], anchor: dict[
         if name in fisher:
             total = total + (fisher[name] * (p - anchor[name]) ** 2).sum()
     return total
+
+
+def fold_quadratic(weight: dict[str, Tensor], centre: dict[str, Tensor], fisher: dict[str, Tensor],
+                   anchor: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """S (θ − m)² + F (θ − θ*)² = S' (θ − m')² + c: returns S' = S + F, m' and c = Σ S F (m − θ*)² / S'.
+
+    c is accumulated in float64; where S' = 0 the centre is θ* (the term is zero either way).
+    """
+    new_weight, new_centre, offset = {}, {}, 0.0
+    for k, f in fisher.items():
+        s, total = weight[k], weight[k] + f
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        gap = anchor[k] - centre[k]
+        new_weight[k] = total
+        new_centre[k] = torch.where(total > 0, centre[k] + f / safe * gap, anchor[k])
+        offset += float((s.double() * f.double() * gap.double() ** 2 / safe.double()).sum())
+    return new_weight, new_centre, offset
 
 
 @STRATEGIES.register("ewc")
@@ -73,19 +172,31 @@ class EWC(Strategy):
         if lam < 0 or fisher_samples < 1:
             raise PolytaskError("ewc needs lam >= 0 and fisher_samples >= 1")
         self.lam, self.fisher_samples, self.fisher_mode = float(lam), int(fisher_samples), fisher
+        #: quadratics Σ_i F_i (θ_i − a_i)² as (F, a); :meth:`consolidate` keeps one, plus ``offset``
         self.anchors: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+        self.offset = 0.0
         self.generator = torch.Generator()
+        self._terms: list[tuple[list[nn.Parameter], list[Tensor], list[Tensor]]] = []
 
     def setup(self, scenario: Any, seed: int) -> None:
         super().setup(scenario, seed)
         self.generator.manual_seed(seed + 7919)
 
     def penalty(self, model: nn.Module) -> Tensor:
-        """λ/2 Σ_A Σ_i F_{A,i} (θ_i − θ*_{A,i})²."""
-        return self.lam / 2 * sum((quadratic_penalty(model, f, a) for f, a in self.anchors), torch.zeros(()))
+        """λ/2 Σ_A Σ_i F_{A,i} (θ_i − θ*_{A,i})² (the consolidated quadratic plus its constant)."""
+        total = sum((quadratic_penalty(model, f, a) for f, a in self.anchors), torch.zeros(()))
+        return self.lam / 2 * (total + self.offset)
 
-    def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
-        return self.penalty(trainer.model) if self.anchors else None
+    def before_fit(self, trainer: Trainer) -> None:
+        params = dict(trainable(trainer.model))
+        self._terms = [([params[n] for n in f if n in params], [f[n] for n in f if n in params],
+                        [a[n] for n in f if n in params]) for f, a in self.anchors]
+
+    def after_backward(self, trainer: Trainer, batch: Batch) -> None:
+        """Add the penalty's gradient λ Σ F (θ − a) to ``.grad`` (one fused pass over the parameters)."""
+        for params, fisher, anchor in self._terms:
+            diff = torch._foreach_sub([p.detach() for p in params], anchor)
+            torch._foreach_addcmul_(grads_of(params), fisher, diff, value=self.lam)
 
     def after_fit(self, trainer: Trainer) -> None:
         assert self.scenario is not None
@@ -95,7 +206,11 @@ class EWC(Strategy):
         self.consolidate(fisher, {n: p.detach().clone() for n, p in trainable(trainer.model)})
 
     def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
-        self.anchors.append((fisher, anchor))
+        """Fold experience (F, θ*) into the one consolidated quadratic."""
+        for f, a in self.anchors:
+            fisher, anchor, offset = fold_quadratic(f, a, fisher, anchor)
+            self.offset += offset
+        self.anchors = [(fisher, anchor)]
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {"rng": self.generator.get_state()}
@@ -105,11 +220,12 @@ class EWC(Strategy):
         return out
 
     def state_meta(self) -> dict[str, Any]:
-        return {**super().state_meta(), "anchors": len(self.anchors)}
+        return {**super().state_meta(), "anchors": len(self.anchors), "offset": self.offset}
 
     def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any], model: nn.Module) -> None:
         super().load_state(tensors, meta, model)
         self.generator.set_state(tensors["rng"])
+        self.offset = float(meta.get("offset", 0.0))  # runs saved before consolidation kept one quadratic each
         self.anchors = []
         for i in range(int(meta["anchors"])):
             f = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"fisher/{i}/")}

@@ -21,55 +21,45 @@ added to the frozen feature, h = f(x) + mean(P_selected), so a prompt acts as a 
 key-selected shift of the representation. With a randomly initialised backbone (e.g. the
 MLP on MNIST) f is not pretrained, so that setting tests the mechanism, not the method.
 Prompt-frequency diversification (the paper's optional Eq. 6 penalty) is not implemented.
+
+The frozen encoder (see ``_prompting.frozen_encoder``): the run's backbone by default, or a
+pretrained encoder by name, e.g. ``encoder="efficientnet-lite0", image_shape=[1, 28, 28]`` on
+split-mnist (frozen ImageNet EfficientNet-Lite0 features instead of raw pixels) or
+``encoder="minilm"`` on wordnet-topics (token mode: prompts prepended to MiniLM's tokens).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polytask.continual.base import Strategy
+from polytask.continual._prompting import PromptModel, PromptStrategy
 from polytask.errors import PolytaskError
-from polytask.models.arch.base import AuxiliaryLoss
 from polytask.registry import STRATEGIES
 from polytask.tasks import Inputs, Task
-from polytask.trainer import Trainer
 
 
-class PromptPool(AuxiliaryLoss):
+class PromptPool(PromptModel):
     """Frozen backbone + prompt pool with keys + one linear head per task."""
 
     def __init__(self, backbone: nn.Module, tasks: Sequence[Task], *, pool_size: int = 10, top_n: int = 5,
                  prompt_length: int = 5, pull: float = 0.1) -> None:
-        super().__init__()
         if not 1 <= top_n <= pool_size or prompt_length < 1:
             raise PolytaskError(f"l2p needs 1 <= top_n <= pool_size and prompt_length >= 1, got "
                                 f"top_n={top_n}, pool_size={pool_size}, prompt_length={prompt_length}")
-        self.backbone = backbone
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
         net = getattr(backbone, "net", None)
-        self.token_mode = net is not None and hasattr(net, "get_input_embeddings")
+        token_mode = net is not None and hasattr(net, "get_input_embeddings")
         d = int(backbone.out_dim)
-        d_prompt = int(net.get_input_embeddings().embedding_dim) if self.token_mode else d
+        d_prompt = int(net.get_input_embeddings().embedding_dim) if token_mode else d
+        super().__init__(backbone, tasks, head_dim=d_prompt)
+        self.token_mode = token_mode
         self.top_n, self.pull = top_n, float(pull)
         self.keys = nn.Parameter(torch.empty(pool_size, d).uniform_(-1, 1))
         self.prompts = nn.Parameter(torch.empty(pool_size, prompt_length, d_prompt).uniform_(-1, 1))
-        self.heads = nn.ModuleDict({t.name: nn.Linear(d_prompt if self.token_mode else d, t.out_dim) for t in tasks})
-        self.train_classes: dict[str, list[int]] = {}
         self.last_selection: Tensor | None = None
-
-    def train(self, mode: bool = True) -> PromptPool:
-        super().train(mode)
-        self.backbone.eval()  # frozen: no dropout, no statistics updates
-        return self
-
-    def query(self, x: Inputs) -> Tensor:
-        with torch.no_grad():
-            return self.backbone(x)
 
     def _prompted(self, x: Inputs, prompts: Tensor) -> Tensor:
         """Prepend ``prompts`` [B, N·L_p, d] to the token embeddings; mean output at the prompt positions."""
@@ -96,47 +86,22 @@ class PromptPool(AuxiliaryLoss):
             h = self._prompted(x, chosen.flatten(1, 2))
         else:
             h = q + chosen.mean((1, 2))
-        out = {}
-        for name, head in self.heads.items():
-            logits = head(h)
-            cols = self.train_classes.get(name)
-            if self.training and cols:
-                keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-                keep[cols] = True
-                logits = logits.masked_fill(~keep, float("-inf"))
-            out[name] = logits
-        return out
+        return self.read_out(h)
 
 
 @STRATEGIES.register("l2p")
-class L2P(Strategy):
+class L2P(PromptStrategy):
     """Learning to Prompt: a key-selected prompt pool on a frozen backbone; trains prompts, keys, head (Wang et al. 2022)."""
 
+    name = "l2p"
+
     def __init__(self, *, pool_size: int = 10, top_n: int = 5, prompt_length: int = 5, pull: float = 0.1,
-                 train_mask: bool = True) -> None:
-        super().__init__()
+                 encoder: str | None = None, encoder_options: dict[str, Any] | None = None,
+                 image_shape: Sequence[int] | None = None, train_mask: bool = True) -> None:
+        super().__init__(encoder=encoder, encoder_options=encoder_options, image_shape=image_shape,
+                         train_mask=train_mask)
         self.options = {"pool_size": pool_size, "top_n": top_n, "prompt_length": prompt_length, "pull": pull}
-        self.train_mask = train_mask
-        self.model: PromptPool | None = None
 
-    def build_model(self, default: Callable[[], nn.Module]) -> nn.Module:
+    def make_model(self, backbone: nn.Module) -> PromptPool:
         assert self.scenario is not None
-        base = default()
-        backbone = getattr(base, "backbone", None)
-        if backbone is None or not hasattr(backbone, "out_dim"):
-            raise PolytaskError("l2p needs an architecture with a .backbone (e.g. shared-bottom)")
-        self.model = PromptPool(backbone, self.scenario.tasks, **self.options)
-        return self.model
-
-    def before_fit(self, trainer: Trainer) -> None:
-        assert self.scenario is not None and self.model is not None
-        exp = self.scenario[self.current]
-        task_free = self.scenario.task_free
-        if self.train_mask and not task_free and self.scenario.kind == "class-incremental" and exp.classes:
-            self.model.train_classes = {name: list(exp.classes) for name in exp.tasks}
-        else:
-            self.model.train_classes = {}
-
-    def after_fit(self, trainer: Trainer) -> None:
-        assert self.model is not None
-        self.model.train_classes = {}
+        return PromptPool(backbone, self.scenario.tasks, **self.options)

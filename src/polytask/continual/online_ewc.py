@@ -11,6 +11,7 @@ F_t is estimated as in :mod:`polytask.continual.ewc`.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from polytask.continual.ewc import EWC
@@ -30,7 +31,11 @@ class OnlineEWC(EWC):
         self.gamma = float(gamma)
 
     def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """F̃ = γ F̃ + F in one fused pass; the anchor becomes θ* (no constant: one quadratic)."""
         if self.anchors:
             old, _ = self.anchors[0]
-            fisher = {k: self.gamma * old[k] + v for k, v in fisher.items()}
-        self.anchors = [(fisher, anchor)]
+            names = list(fisher)
+            summed = torch._foreach_add(torch._foreach_mul([old[k] for k in names], self.gamma),
+                                        [fisher[k] for k in names])
+            fisher = dict(zip(names, summed))
+        self.anchors, self.offset = [(fisher, anchor)], 0.0

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from polytask.continual.base import Strategy
@@ -29,7 +27,8 @@ from polytask.continual.scenario import Scenario
 from polytask.checkpoints import CheckpointDir, load_state, save_state
 from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
-from polytask.io import prepare_run_dir, save_safetensors, write_json, write_yaml
+from polytask.io import load_safetensors, save_safetensors, write_json, write_yaml
+from polytask.rundir import RunDir, check_run_dir, open_run_dir
 from polytask.registry import ARCHITECTURES, SCENARIOS, STRATEGIES
 from polytask.tasks import Batch
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
@@ -142,28 +141,23 @@ def run_continual(config: ContinualConfig, out: str | os.PathLike[str] | None = 
     """
     out_path = Path(out) if out is not None else None
     if out_path is not None:
+        check_run_dir(out_path, resume, overwrite, "continual run")
         if resume:
-            prepare_run_dir(out_path, True, False, "continual run")
             config = ContinualConfig.from_yaml(out_path / "config.yaml")
     scen, strategy = _load_components(config, scenario)
     train_cfg = resolve_train(config, scen)
     config = replace(config, train=train_cfg)
-    created = False
-    if out_path is not None and not resume:
-        prepare_run_dir(out_path, False, overwrite, "continual run")
-        created = not out_path.exists()
-        out_path.mkdir(parents=True, exist_ok=True)
-        write_yaml(out_path / "config.yaml", config.to_dict())
-    try:
-        return _run(config, scen, strategy, train_cfg, out_path, resume, model)
-    except (PolytaskError, KeyboardInterrupt):
-        if created and out_path is not None and not (out_path / "checkpoints" / "LATEST").exists():
-            shutil.rmtree(out_path, ignore_errors=True)
-        raise
+    if out_path is None:
+        return _run(config, scen, strategy, train_cfg, None, resume, model, None)
+    with open_run_dir(out_path, resume, overwrite, "continual run") as run_dir:
+        if not resume:
+            write_yaml(out_path / "config.yaml", config.to_dict())
+        return _run(config, scen, strategy, train_cfg, out_path, resume, model, run_dir)
 
 
 def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_cfg: TrainConfig,
-         out: Path | None, resume: bool, build: Callable[[], nn.Module] | None) -> ContinualResult:
+         out: Path | None, resume: bool, build: Callable[[], nn.Module] | None,
+         run_dir: RunDir | None) -> ContinualResult:
     torch.set_num_threads(train_cfg.num_threads or 1)
     seed_everything(config.seed)
     strategy.setup(scenario, config.seed)
@@ -187,7 +181,7 @@ def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_
             strategy.end(n - 1)
             rows.append(accuracy_row(model, scenario, strategy, cfg.eval_batch_size))
             seconds = [time.perf_counter() - t0]
-            _save_checkpoint(out, n - 1, model, strategy, rows, seconds)
+            _save_checkpoint(out, n - 1, model, strategy, rows, seconds, run_dir)
     else:
         for i in range(start, n):
             t0 = time.perf_counter()
@@ -197,7 +191,7 @@ def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_
             strategy.end(i)
             seconds.append(time.perf_counter() - t0)
             rows.append(accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size))
-            _save_checkpoint(out, i, model, strategy, rows, seconds)
+            _save_checkpoint(out, i, model, strategy, rows, seconds, run_dir)
     metrics = {"route": "continual", "scenario": config.scenario, "strategy": config.strategy, "seed": config.seed,
                "kind": scenario.kind, "task_free": scenario.task_free, "num_experiences": n,
                **summarize(rows, random_init),
@@ -221,11 +215,11 @@ def _write_outputs(out: Path, config: ContinualConfig, scenario: Scenario, model
 
 
 def _checkpoints(out: Path) -> CheckpointDir:
-    return CheckpointDir(out / "checkpoints", "exp", width=3)
+    return CheckpointDir(out / "checkpoints", "exp", width=3, keep=2)
 
 
 def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: Strategy,
-                     rows: list[list[float]], seconds: list[float]) -> None:
+                     rows: list[list[float]], seconds: list[float], run_dir: RunDir | None) -> None:
     """checkpoints/exp-XXX: model and strategy tensors (safetensors), loop and strategy state (JSON)."""
     if out is None:
         return
@@ -234,17 +228,25 @@ def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: S
         save_state(folder, {"finished": index + 1, "accuracy_matrix": rows, "experience_seconds": seconds,
                             "strategy": strategy.state_meta(), "strategy_tensors": strategy.state_tensors(),
                             "torch_rng": torch.get_rng_state()})
+    if run_dir is not None:
+        run_dir.commit()
 
 
 def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[int, list[list[float]], list[float]]:
-    folder = _checkpoints(out).latest()
-    if folder is None:
+    """Restore the newest good experience checkpoint (damaged ones are skipped with a warning)."""
+    loaded: dict[str, Any] = {}
+
+    def load(folder: Path) -> None:
+        state = load_state(folder)
+        weights = load_safetensors(folder / "model.safetensors", root=folder)
+        strategy.load_state(state["strategy_tensors"], state["strategy"], model)
+        model.load_state_dict(weights)
+        loaded.update(state)
+
+    if _checkpoints(out).restore(load) is None:
         return 0, [], []
-    state = load_state(folder)
-    strategy.load_state(state["strategy_tensors"], state["strategy"], model)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["finished"]), state["accuracy_matrix"], state["experience_seconds"]
+    torch.set_rng_state(loaded["torch_rng"])
+    return int(loaded["finished"]), loaded["accuracy_matrix"], loaded["experience_seconds"]
 
 
 def run(scenario: str | Scenario, strategy: str = "finetune", *, epochs: int | None = None, seed: int = 0,

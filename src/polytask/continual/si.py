@@ -14,7 +14,9 @@ reset. The surrogate loss of later experiences (Eq. 4) is
 
 Choice: g is the gradient of the loss actually minimised (task loss plus the surrogate
 term), as in van de Ven & Tolias' (2019) implementation; ω then measures each parameter's
-share of the drop of that loss.
+share of the drop of that loss. The surrogate's gradient 2c Ω (θ − θ̃) is added straight to
+``.grad``, and both it and the ω update are fused ``torch._foreach`` passes over the
+parameters into preallocated buffers, so a step costs the same in every experience.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual.base import Strategy, trainable
+from polytask.continual.base import Strategy, grads_of, trainable
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
 from polytask.tasks import Batch
@@ -45,42 +47,53 @@ class SI(Strategy):
         self.omega: dict[str, Tensor] = {}
         self.big_omega: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
-        self._prev: dict[str, Tensor] = {}
-        self._grad: dict[str, Tensor] = {}
+        self._params: list[nn.Parameter] = []
+        self._omega: list[Tensor] = []  # the values of ``omega``, in parameter order
+        self._prev: list[Tensor] = []  # θ before the last step
+        self._grad: list[Tensor] = []  # the gradient that step used (0 where a parameter had none)
+        self._surrogate: tuple[list[Any], list[Tensor], list[Tensor]] | None = None  # (θ, Ω, θ̃)
+        self._stepped = False
 
     def before_fit(self, trainer: Trainer) -> None:
         params = trainable(trainer.model)
         if not self.anchor:
             self.anchor = {n: p.detach().clone() for n, p in params}
         self.omega = {n: torch.zeros_like(p) for n, p in params}
-        self._prev, self._grad = {}, {}
+        self._params = [p for _, p in params]
+        self._omega = [self.omega[n] for n, _ in params]
+        self._prev = [torch.empty_like(p) for p in self._params]
+        self._grad = [torch.zeros_like(p) for p in self._params]
+        held = [(p, self.big_omega[n], self.anchor[n]) for n, p in params if n in self.big_omega]
+        self._surrogate = tuple(map(list, zip(*held))) if held else None
+        self._stepped = False
 
-    def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
-        if not self.big_omega:
-            return None
-        total = torch.zeros(())
-        for n, p in trainer.model.named_parameters():
-            if n in self.big_omega:
-                total = total + (self.big_omega[n] * (p - self.anchor[n]) ** 2).sum()
-        return self.c * total
-
-    def _accumulate(self, model: nn.Module) -> None:
+    def _accumulate(self) -> None:
         """ω += −g · Δθ for the step taken since the last call."""
-        for n, p in trainable(model):
-            if n in self._grad:
-                self.omega[n] -= self._grad[n] * (p.detach() - self._prev[n])
+        if self._stepped:
+            delta = torch._foreach_sub([p.detach() for p in self._params], self._prev)
+            torch._foreach_addcmul_(self._omega, self._grad, delta, value=-1.0)
 
     def after_backward(self, trainer: Trainer, batch: Batch) -> None:
-        self._accumulate(trainer.model)
-        self._prev, self._grad = {}, {}
-        for n, p in trainable(trainer.model):
-            if p.grad is not None:
-                self._prev[n] = p.detach().clone()
-                self._grad[n] = p.grad.detach().clone()
+        if self._surrogate is not None:  # the surrogate's gradient 2c Ω (θ − θ̃)
+            held, big_omega, anchor = self._surrogate
+            diff = torch._foreach_sub([p.detach() for p in held], anchor)
+            torch._foreach_addcmul_(grads_of(held), big_omega, diff, value=2 * self.c)
+        self._accumulate()
+        grads = [p.grad for p in self._params]
+        if all(g is not None for g in grads):
+            torch._foreach_copy_(self._grad, grads)  # type: ignore[arg-type]
+        else:
+            for buf, g in zip(self._grad, grads):
+                if g is None:
+                    buf.zero_()
+                else:
+                    buf.copy_(g)
+        torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+        self._stepped = True
 
     def after_fit(self, trainer: Trainer) -> None:
-        self._accumulate(trainer.model)
-        self._prev, self._grad = {}, {}
+        self._accumulate()
+        self._stepped = False
         for n, p in trainable(trainer.model):
             delta = p.detach() - self.anchor[n]
             self.big_omega[n] = self.big_omega.get(n, torch.zeros_like(p)) + self.omega[n] / (delta ** 2 + self.xi)

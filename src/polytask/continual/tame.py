@@ -28,6 +28,13 @@ Our reading of the method, as implemented here:
   pruned (it is small).
 
 Boundary information is never used: the strategy also runs on task-free streams.
+
+No reference code found; looked in: code search "TAME task agnostic continual learning multiple
+experts loss shift detection selector pruning" (an unrelated 2025 method of the same acronym,
+"Task-Aware Multi-Expert", and unattributed loss-shift MoE projects), find_repos "TAME", and the
+paper pages (Papers with Code lists "no code implementations"). Deviations: the detection rule's
+k·std / ``min_jump`` test, the revisit rule, the window and the selector MLP are our reading of
+the abstract and summaries, unverified against the authors' code.
 """
 
 from __future__ import annotations

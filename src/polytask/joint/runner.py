@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file
 from torch import nn
 
 import polytask.data  # noqa: F401  (registers the suites)
@@ -19,11 +17,12 @@ import polytask.models.arch  # noqa: F401
 import polytask.weighting  # noqa: F401
 from polytask.joint.config import RunConfig
 from polytask.errors import PolytaskError
-from polytask.io import cache_dir, prepare_run_dir, save_safetensors, write_json, write_yaml
+from polytask.io import cache_dir, load_safetensors, save_safetensors, write_json, write_yaml
 from polytask.metrics import Results, delta_m
 from polytask.registry import ARCHITECTURES, SUITES
 from polytask.tasks import TaskSuite
-from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everything
+from polytask.rundir import RunDir, check_run_dir, open_run_dir
+from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
 
 
 @dataclass
@@ -47,42 +46,84 @@ def build_model(config: RunConfig, suite: TaskSuite) -> nn.Module:
                                 backbone_options=config.backbone_options, **config.arch_options)
 
 
-def run(config: RunConfig, out: str | os.PathLike[str] | None = None, resume: bool = False,
+# What a resumed run may change: how long it trains, when it stops early, and how it reports.
+RESUMABLE = frozenset({"train.epochs", "train.patience", "train.progress", "train.num_threads",
+                       "train.tensorboard", "train.eval_batch_size", "baseline"})
+
+
+def resume_config(stored: RunConfig, given: RunConfig | None) -> RunConfig:
+    """The config a resumed run continues with: ``stored``, with the changes of ``given`` that can
+    apply to a run already under way (:data:`RESUMABLE`); any other change is a one-line error."""
+    if given is None:
+        return stored
+    old, new = _flat(stored.to_dict()), _flat(given.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and key not in RESUMABLE:
+            raise PolytaskError(f"{key} cannot change when resuming a run (it is {old.get(key)!r}, not {new.get(key)!r}); "
+                                "leave it out, or start a new run with another out= or overwrite=True")
+    return given
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: v for k, v in d.items() if k != "train"}, **{f"train.{k}": v for k, v in d["train"].items()}}
+
+
+class _CommitOnCheckpoint(Hook):
+    """Tells the run folder that the new run has its first checkpoint (an overwritten run may go)."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self.run_dir.commit()
+
+
+def run(config: RunConfig | None, out: str | os.PathLike[str] | None = None, resume: bool = False,
         overwrite: bool = False) -> RunResult:
-    """Train ``config`` and evaluate on the test split; write model, config and metrics to ``out``."""
+    """Train ``config`` and evaluate on the test split; write model, config and metrics to ``out``.
+
+    With ``resume=True`` the run in ``out`` continues from its last good checkpoint; ``config`` may
+    be None (continue as configured) or the stored config with longer training or new stopping
+    rules (:func:`resume_config`). Every input is validated before anything in ``out`` changes.
+    """
     out_path = Path(out) if out is not None else None
-    created = False
     if out_path is not None:
-        prepare_run_dir(out_path, resume, overwrite)
-        created = not out_path.exists()
+        check_run_dir(out_path, resume, overwrite)
         if resume:
-            config = RunConfig.from_yaml(out_path / "config.yaml")
+            config = resume_config(RunConfig.from_yaml(out_path / "config.yaml"), config)
+    if config is None:
+        raise PolytaskError("run needs a RunConfig (config=None is only for resume=True with an out= folder)")
     suite = build_suite(config)
     model = build_model(config, suite)
     trainer = Trainer(model, suite.tasks, config.weighting, config.train, out_dir=out_path,
                       weighting_options=config.weighting_options)
-    try:
-        if out_path is not None and trainer.is_main:
-            write_yaml(out_path / "config.yaml", config.to_dict())
-        start = time.perf_counter()
-        history = trainer.fit(suite.train, suite.val, resume=resume)
-        seconds = time.perf_counter() - start
-        test = trainer.evaluate(suite.test)
-        baselines = resolve_baselines(config, suite)
-        metrics = {
-            "route": "joint", "suite": config.suite, "arch": config.arch, "weighting": config.weighting,
-            "seed": config.train.seed, "epochs_trained": len(history), "train_seconds": round(seconds, 3),
-            "test": test, "delta_m": delta_m(test, baselines, suite.tasks) if baselines else None,
-            "baselines": baselines,
-        }
-        if out_path is not None and trainer.is_main:
-            save_safetensors(out_path / "model.safetensors", model.state_dict(),
-                             metadata={"polytask_arch": config.arch, "polytask_suite": config.suite})
-            write_json(out_path / "metrics.json", metrics)
-    except PolytaskError:
-        if created and out_path is not None:
-            shutil.rmtree(out_path, ignore_errors=True)
-        raise
+    baselines_file = read_baselines(config.baseline, suite) if config.baseline not in ("auto", "none") else None
+    if out_path is None:
+        return _train_and_test(config, suite, model, trainer, None, resume, baselines_file)
+    with open_run_dir(out_path, resume, overwrite) as run_dir:
+        trainer.hooks.append(_CommitOnCheckpoint(run_dir))
+        return _train_and_test(config, suite, model, trainer, out_path, resume, baselines_file)
+
+
+def _train_and_test(config: RunConfig, suite: TaskSuite, model: nn.Module, trainer: Trainer, out_path: Path | None,
+                    resume: bool, baselines_file: Results | None) -> RunResult:
+    if out_path is not None and trainer.is_main:
+        write_yaml(out_path / "config.yaml", config.to_dict())
+    start = time.perf_counter()
+    history = trainer.fit(suite.train, suite.val, resume=resume)
+    seconds = time.perf_counter() - start
+    test = trainer.evaluate(suite.test)
+    baselines = baselines_file if baselines_file is not None else resolve_baselines(config, suite)
+    metrics = {
+        "route": "joint", "suite": config.suite, "arch": config.arch, "weighting": config.weighting,
+        "seed": config.train.seed, "epochs_trained": len(history), "train_seconds": round(seconds, 3),
+        "test": test, "delta_m": delta_m(test, baselines, suite.tasks) if baselines else None,
+        "baselines": baselines,
+    }
+    if out_path is not None and trainer.is_main:
+        save_safetensors(out_path / "model.safetensors", model.state_dict(),
+                         metadata={"polytask_arch": config.arch, "polytask_suite": config.suite})
+        write_json(out_path / "metrics.json", metrics)
     return RunResult(config, suite, model, metrics, history, out_path)
 
 
@@ -111,14 +152,31 @@ def load_run(path: str | os.PathLike[str]) -> tuple[RunConfig, TaskSuite, nn.Mod
     config = RunConfig.from_yaml(p / "config.yaml")
     suite = build_suite(config)
     model = build_model(config, suite)
-    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    load_weights(model, load_safetensors(p / "model.safetensors", root=p), f"{p / 'model.safetensors'}")
     return config, suite, model
 
 
+def load_weights(model: nn.Module, weights: dict[str, Any], what: str) -> None:
+    """``model.load_state_dict(weights)`` with a one-line error when they belong to another model."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            detail = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        else:
+            key = next(k for k in expected if expected[k].shape != weights[k].shape)
+            detail = f"{key!r} has shape {tuple(weights[key].shape)}, the model needs {tuple(expected[key].shape)}"
+        raise PolytaskError(f"{what} does not fit the model its config.yaml describes ({detail}); "
+                            "it comes from another run or architecture") from exc
+
+
 def evaluate_run(path: str | os.PathLike[str], split: str = "test") -> Results:
-    config, suite, model = load_run(path)
     if split not in ("train", "val", "test"):
         raise PolytaskError(f"unknown split {split!r}; choose train, val or test")
+    config, suite, model = load_run(path)
     return evaluate_model(model, suite.tasks, getattr(suite, split), config.train.eval_batch_size)
 
 
@@ -127,12 +185,27 @@ def resolve_baselines(config: RunConfig, suite: TaskSuite) -> Results | None:
     if config.baseline == "none":
         return None
     if config.baseline != "auto":
-        p = Path(config.baseline)
-        if not p.is_file():
-            raise PolytaskError(f"baseline file {config.baseline!r} does not exist; pass 'auto', 'none' or a metrics JSON path")
-        data = json.loads(p.read_text())
-        return data.get("test", data)
+        return read_baselines(config.baseline, suite)
     return single_task_baselines(config, suite)
+
+
+def read_baselines(path: str, suite: TaskSuite) -> Results:
+    """Per-task baseline metrics from a JSON file: ``{task: {metric: value}}`` or a run's metrics.json."""
+    p = Path(path)
+    hint = "pass 'auto', 'none' or the metrics.json of a run"
+    if not p.is_file():
+        raise PolytaskError(f"baseline file {path!r} does not exist; {hint}")
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PolytaskError(f"baseline file {path!r} is not valid JSON; {hint}") from exc
+    data = data.get("test", data) if isinstance(data, dict) else data
+    for task in suite.tasks:
+        metrics = data.get(task.name) if isinstance(data, dict) else None
+        if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+            raise PolytaskError(f"baseline file {path!r} has no metrics for task {task.name!r} "
+                                "(expected {task: {metric: number}}); " + hint)
+    return data
 
 
 def single_task_baselines(config: RunConfig, suite: TaskSuite) -> Results:

@@ -3,7 +3,10 @@
 Both learn θ(Λ) = θ_0 + Σ_t Σ_b λ_t^b τ_t^b, one coefficient per task vector t and per block b
 (a block is one tensor of the state dict; AdaMerging's task-wise variant uses one block for
 all tensors), by running the model functionally (``torch.func.functional_call``) on merged
-parameters and minimising a loss with Adam. The loop is deterministic for a given seed.
+parameters and minimising a loss with AdamW (weight decay 0, AdaMerging's setting, is plain
+Adam). With ``bounds`` the coefficients are clamped inside the forward pass, θ(clamp(Λ)), while
+the raw parameter moves freely (``lambdas()`` in AdaMerging's ``main_*_adamerging.py``); the
+gradient of a coefficient outside the bounds is then zero. The loop is deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -87,21 +90,27 @@ class TaskVectorStack:
 def learn_coefficients(stack: TaskVectorStack, model: nn.Module, batches: list[list[Any]],
                        loss_fn: Callable[[Tensor, Any], Tensor], *, blocks: int, init: float, steps: int,
                        lr: float, seed: int, forward: Forward | None = None,
-                       bounds: tuple[float, float] | None = None) -> tuple[Tensor, list[float]]:
-    """Adam on the (T, blocks) coefficients; each step sums ``loss_fn(logits, batch)`` over the tasks.
+                       bounds: tuple[float, float] | None = None,
+                       weight_decay: float = 0.0) -> tuple[Tensor, list[float]]:
+    """AdamW on the (T, blocks) coefficients; each step sums ``loss_fn(logits, batch)`` over the tasks.
 
-    ``bounds`` clamps the coefficients after every step. Returns (coefficients, loss per step).
+    ``bounds`` clamps the coefficients in the forward pass. Returns (effective, i.e. clamped,
+    coefficients, loss per step).
     """
     call = forward or default_forward
     coef = torch.full((stack.n_tasks, blocks), float(init), requires_grad=True)
-    opt = torch.optim.Adam([coef], lr=lr)
+    opt = torch.optim.AdamW([coef], lr=lr, weight_decay=weight_decay)
+
+    def effective(raw: Tensor) -> Tensor:
+        return raw if bounds is None else raw.clamp(*bounds)
+
     history: list[float] = []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for step in range(steps):
-            params = stack.params(coef)
+            params = stack.params(effective(coef))
             loss = torch.zeros(())
             for t, task_batches in enumerate(batches):
                 batch = task_batches[step % len(task_batches)]
@@ -110,12 +119,9 @@ def learn_coefficients(stack: TaskVectorStack, model: nn.Module, batches: list[l
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if bounds is not None:
-                with torch.no_grad():
-                    coef.clamp_(*bounds)
             history.append(float(loss.detach()))
     model.train(was_training)
-    return coef.detach(), history
+    return effective(coef.detach()), history
 
 
 class CoefficientMerger(Merger):
@@ -125,8 +131,9 @@ class CoefficientMerger(Merger):
     [T, blocks], the loss ``history`` and the parameter ``keys`` the blocks follow.
     """
 
-    def __init__(self, *, init: float, steps: int, lr: float, seed: int) -> None:
+    def __init__(self, *, init: float, steps: int, lr: float, seed: int, weight_decay: float = 0.0) -> None:
         self.init, self.steps, self.lr, self.seed = float(init), int(steps), float(lr), int(seed)
+        self.weight_decay = float(weight_decay)
         self.coefficients: Tensor | None = None
         self.history: list[float] = []
         self.keys: list[str] = []
@@ -137,6 +144,6 @@ class CoefficientMerger(Merger):
         """Learn the coefficients with :func:`learn_coefficients`; return the merged state dict."""
         self.coefficients, self.history = learn_coefficients(
             stack, model, batches, loss_fn, blocks=blocks, init=self.init, steps=self.steps, lr=self.lr,
-            seed=self.seed, forward=forward, bounds=bounds)
+            seed=self.seed, forward=forward, bounds=bounds, weight_decay=self.weight_decay)
         self.keys = stack.keys
         return stack.state_dict(self.coefficients)

@@ -13,11 +13,13 @@ float32 tensors (float64 for float64 models) and the result is cast back to the 
 Integer and bool tensors (e.g. BatchNorm step counters) are copied from the base.
 
 Merging reads one key at a time from every input (memory-mapped safetensors), so peak memory
-is about one merged model plus one tensor per input. Inputs are never written to: an in-place
-write into a tensor of a memory-mapped file would copy its pages into private memory for as
-long as the file stays open; :func:`merge_files` then writes the
-result atomically. The in-memory :meth:`Merger.merge` runs the very same loop, so both give
-identical bits.
+is one tensor per input plus the work buffers. Inputs are never written to: an in-place write
+into a tensor of a memory-mapped file would copy its pages into private memory for as long as
+the file stays open. :func:`merge_files` writes each merged tensor as soon as it is computed
+(a ``.safetensors`` file, or a Hugging Face folder shard by shard) and renames the result into
+place at the end, so the merged model is never held whole. The in-memory :meth:`Merger.merge`
+runs the very same per-key computation (:meth:`Merger.merge_key` after :meth:`Merger.open`),
+so both give identical bits.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
-from polytask.io import save_safetensors
-from polytask.merging.taskvector import Checkpoint, ModelSource, compute_dtype, is_mergeable, open_models
+from polytask.io import SafetensorsWriter, atomic_path
+from polytask.merging.hf import open_inputs, polytask_version, write_folder
+from polytask.merging.taskvector import Checkpoint, ModelSource, compute_dtype, is_mergeable
 from polytask.registry import MERGERS
 
 
@@ -97,22 +100,28 @@ class Merger:
     def prepare(self, base: Checkpoint, models: Sequence[Checkpoint], data: MergeData | None) -> None:
         """Hook run once the inputs are open and checked (e.g. to open Fisher files)."""
 
+    def open(self, base: ModelSource, finetuned: Sequence[ModelSource],
+             data: MergeData | None = None) -> tuple[Checkpoint, list[Checkpoint]]:
+        """Open and check the inputs (peft adapter folders included) and run :meth:`prepare`."""
+        base_ck, models = open_inputs(base, finetuned)
+        self.prepare(base_ck, models, data)
+        return base_ck, models
+
+    def merge_key(self, key: str, base: Checkpoint, models: Sequence[Checkpoint]) -> Tensor:
+        """The merged tensor ``key`` (in the base's dtype) of inputs returned by :meth:`open`."""
+        value = base.get(key)
+        if not is_mergeable(value.dtype):
+            return value
+        cd = compute_dtype(value.dtype)
+        return self.merge_models(key, value.to(cd), [m.get(key).to(cd) for m in models]).to(value.dtype)
+
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None) -> dict[str, Tensor]:
         """Merge state dicts, files or folders tensor by tensor; returns the merged state dict.
 
         ``data`` carries what :attr:`needs` names; a rule that needs nothing ignores it.
         """
-        base_ck, models = open_models(base, finetuned)
-        self.prepare(base_ck, models, data)
-        out: dict[str, Tensor] = {}
-        for key in base_ck.keys():
-            value = base_ck.get(key)
-            if is_mergeable(value.dtype):
-                cd = compute_dtype(value.dtype)
-                merged = self.merge_models(key, value.to(cd), [m.get(key).to(cd) for m in models])
-                value = merged.to(value.dtype)
-            out[key] = value
-        return out
+        base_ck, models = self.open(base, finetuned, data)
+        return {key: self.merge_key(key, base_ck, models) for key in base_ck.keys()}
 
 
 def tensor_generator(seed: int, name: str, index: int = 0) -> torch.Generator:
@@ -120,21 +129,54 @@ def tensor_generator(seed: int, name: str, index: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 131 + index) % 2**63)
 
 
-def merge_files(method: str, base_path: ModelSource, finetuned_paths: Sequence[ModelSource],
-                out_path: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
-    """Merge models with the data-free ``method`` and write ``out_path`` atomically (nothing on error).
+def is_folder_output(out: str | os.PathLike[str]) -> bool:
+    """Whether ``out`` names an output folder: an existing folder, a path ending in a separator, or any
+    name without the ``.safetensors`` suffix (that suffix alone means one file)."""
+    text = os.fspath(out)
+    return os.path.isdir(text) or text.endswith(("/", os.sep)) or not text.endswith(".safetensors")
 
-    Returns a summary: method, models, tensors, seconds.
+
+def merge_files(method: str | Merger, base_path: ModelSource, finetuned_paths: Sequence[ModelSource],
+                out_path: str | os.PathLike[str], *, out_dtype: torch.dtype | None = None,
+                max_shard_size: int | str | None = None, overwrite: bool = False,
+                record: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Merge models with the data-free ``method`` (a name and its ``options``, or a :class:`Merger`) and write
+    ``out_path`` atomically (nothing there on error), one tensor at a time.
+
+    ``out_path`` ending in ``.safetensors`` is one file; anything else is a Hugging Face folder (see
+    :func:`is_folder_output` and :mod:`polytask.merging.hf`): shards like the base or of ``max_shard_size``,
+    the base's config and tokenizer files, ``polytask_merge.yaml`` (``record`` plus method, options, inputs
+    with sha256, version). ``out_dtype`` casts the floating-point tensors (default: the inputs' dtype).
+    Returns a summary: method, models, tensors, seconds, out.
     """
     start = time.perf_counter()
-    merger = MERGERS.create(method, **options)
+    merger = method if isinstance(method, Merger) else MERGERS.create(method, **options)
+    name = method if isinstance(method, str) else type(method).__name__
     if not merger.data_free:
         free = ", ".join(n for n in MERGERS.names() if MERGERS.get(n).data_free)
-        raise PolytaskError(f"merger {method!r} learns from data; call its merge from Python with "
+        raise PolytaskError(f"merger {name!r} learns from data; call its merge from Python with "
                             f"data=MergeData(model=..., batches=...), "
                             f"or pick a data-free merger: {free}")
-    merged = merger.merge(base_path, finetuned_paths)
-    meta = {"polytask_merger": method, "polytask_options": json.dumps(options, default=str)}
-    save_safetensors(out_path, merged, metadata=meta)
-    return {"method": method, "models": len(finetuned_paths), "tensors": len(merged),
-            "seconds": time.perf_counter() - start}
+    base_ck, models = merger.open(base_path, finetuned_paths)
+    keys = base_ck.keys()
+    settings = options if isinstance(method, str) else {k: v for k, v in vars(merger).items() if not k.startswith("_")}
+    info = {"method": name, "options": dict(settings), **(record or {}), "polytask_version": polytask_version()}
+    if is_folder_output(out_path):
+        write_folder(out_path, base_path, base_ck, lambda key: merger.merge_key(key, base_ck, models),
+                     json.loads(json.dumps(info, default=str)), inputs=[base_path, *finetuned_paths],
+                     out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    else:
+        if max_shard_size is not None:
+            raise PolytaskError(f"max_shard_size applies to folder outputs, and {str(out_path)!r} is one .safetensors file; "
+                                f"pass an out= folder name (without .safetensors) to shard")
+        layout = []
+        for key in keys:
+            shape, dtype = base_ck.meta(key)
+            layout.append((key, shape, out_dtype if out_dtype is not None and is_mergeable(dtype) else dtype))
+        meta = {"format": "pt", "polytask_merger": name, "polytask_options": json.dumps(options, default=str)}
+        with atomic_path(out_path) as tmp:
+            with SafetensorsWriter(tmp, layout, metadata=meta) as writer:
+                for key, _, dtype in layout:
+                    writer.write(key, merger.merge_key(key, base_ck, models).to(dtype))
+    return {"method": name, "models": len(finetuned_paths), "tensors": len(keys),
+            "seconds": time.perf_counter() - start, "out": str(out_path)}

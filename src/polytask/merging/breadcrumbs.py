@@ -4,19 +4,24 @@ with Sparse Masks", ECCV 2024.
 Per layer (here: per tensor), mask out the β fraction of task-vector entries with the
 largest magnitudes (outliers) and the γ fraction with the smallest (noise), keep the
 rest, then add the masked vectors by task arithmetic: θ = θ_0 + λ Σ_t m_t ⊙ τ_t (Sec. 3).
-The options are the kept fraction ``density`` = 1 − β − γ and ``beta`` = β; γ = 1 − density − β.
-Defaults density = 0.14, beta = 0.01 (γ = 0.85) and λ = 0.3 are our starting point inside the
-ranges the paper explores; the paper tunes them on validation data, and so should you. Entries
-tied with a cut-off magnitude are kept.
+The options are the kept fraction ``density`` = 1 − β − γ and ``beta`` = β; γ = 1 − density − β
+(mergekit calls β ``gamma``). Both may be given per model. ``ties=True`` combines the masked
+vectors by TIES' sign election and disjoint merge instead of the sum (mergekit's
+``breadcrumbs_ties``). Defaults density = 0.14, beta = 0.01 (γ = 0.85) and λ = 0.3 are our
+starting point inside the ranges the paper explores; the paper tunes them on validation data,
+and so should you. Entries tied with a cut-off magnitude are kept.
 """
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.merging._sparse import (MagnitudePlan, SparseTaskArithmetic, apply_magnitude_plan, check_fraction,
-                                      magnitude_plan)
+from polytask.merging._sparse import (MagnitudePlan, PerModel, SparseTaskArithmetic, apply_magnitude_plan,
+                                      check_fractions, magnitude_plan, per_model, pick)
+from polytask.merging.taskvector import Checkpoint
 from polytask.registry import MERGERS
 
 
@@ -24,18 +29,30 @@ from polytask.registry import MERGERS
 class Breadcrumbs(SparseTaskArithmetic):
     """Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): drop the largest and smallest deltas per layer, then add."""
 
-    def __init__(self, *, density: float = 0.14, beta: float = 0.01, lam: float = 0.3) -> None:
-        super().__init__(lam)
-        self.density = check_fraction("density", density)
-        self.beta = check_fraction("beta", beta)
-        if self.density + self.beta > 1.0:
-            raise PolytaskError(f"options density={self.density} and beta={self.beta} keep and drop more than every entry; "
-                                f"pass density + beta <= 1, e.g. density=0.14 beta=0.01")
-        self.gamma = max(0.0, 1.0 - self.density - self.beta)  # the fraction of smallest magnitudes dropped
+    def __init__(self, *, density: PerModel = 0.14, beta: PerModel = 0.01, lam: float = 0.3, ties: bool = False,
+                 merge_func: str = "mean", weights: Sequence[float] | None = None, normalize: bool = False) -> None:
+        super().__init__(lam, weights=weights, normalize=normalize, merge_func=merge_func)
+        self.density = check_fractions("density", density)
+        self.beta = check_fractions("beta", beta)
+        self.sign_consensus = bool(ties)
+        n = max(len(self.density), len(self.beta))
+        for d, b in zip(self.density * n if len(self.density) == 1 else self.density,
+                        self.beta * n if len(self.beta) == 1 else self.beta):
+            if d + b > 1.0:
+                raise PolytaskError(f"options density={d} and beta={b} keep and drop more than every entry; "
+                                    f"pass density + beta <= 1, e.g. density=0.14 beta=0.01")
 
-    def plan(self, name: str, index: int, base: Tensor, model: Tensor, scratch: Tensor) -> MagnitudePlan:
+    def prepare(self, base: Checkpoint, models: Sequence[Checkpoint], data: Any) -> None:
+        super().prepare(base, models, data)
+        per_model("density", self.density, len(models))
+        per_model("beta", self.beta, len(models))
+
+    def plan(self, name: str, index: int, base: Tensor, model: Tensor, scratch: Tensor,
+             shape: tuple[int, ...]) -> MagnitudePlan:
         n = base.numel()
-        return magnitude_plan(base, model, scratch, round(self.gamma * n), round(self.beta * n))
+        density, beta = pick(self.density, index), pick(self.beta, index)
+        gamma = max(0.0, 1.0 - density - beta)  # the fraction of smallest magnitudes dropped
+        return magnitude_plan(base, model, scratch, round(gamma * n), round(beta * n))
 
     def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
         apply_magnitude_plan(state, delta, scratch)

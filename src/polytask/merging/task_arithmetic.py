@@ -4,10 +4,13 @@ Adding task vectors (Sec. 2 and Sec. 4): θ = θ_0 + λ Σ_t τ_t with τ_t = θ
 The paper picks λ on held-out validation data from {0, 0.05, ..., 1}; for adding several
 tasks the chosen values sit around 0.3–0.4, and 0.3 is the value follow-up work (TIES,
 AdaMerging) uses as the task-arithmetic default, so ``lam`` defaults to 0.3. Negating a task
-vector (λ < 0) forgets a task.
+vector (λ < 0) forgets a task. Per-model ``weights`` w_t give θ = θ_0 + λ Σ_t w_t τ_t (mergekit's
+``weight``), divided by Σ_t w_t with ``normalize=True``.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from polytask.merging._sparse import SparseTaskArithmetic
 from polytask.registry import MERGERS
@@ -17,5 +20,5 @@ from polytask.registry import MERGERS
 class TaskArithmetic(SparseTaskArithmetic):
     """Task arithmetic (Ilharco et al., ICLR 2023): θ = θ0 + λ Σ τ_t."""
 
-    def __init__(self, *, lam: float = 0.3) -> None:
-        super().__init__(lam)
+    def __init__(self, *, lam: float = 0.3, weights: Sequence[float] | None = None, normalize: bool = False) -> None:
+        super().__init__(lam, weights=weights, normalize=normalize)

@@ -1,7 +1,8 @@
 """Twin-Merging: Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise in Model
 Merging", NeurIPS 2024.
 
-1. Shared knowledge: θ_s = Merge(θ_1, ..., θ_T) with a data-free merger (``shared``, TIES by default).
+1. Shared knowledge: θ_s = Merge(θ_1, ..., θ_T) with a data-free merger (``shared``, task
+   arithmetic by default, as the authors' scripts).
 2. Exclusive knowledge: v_t = θ_t − θ_s, compressed per 2-D weight by truncated SVD to rank r
    (``rank``); other tensors (biases, norms) are kept whole.
 3. Router: a linear layer on input features, w(x) = softmax(R·φ(x)), trained by cross-entropy on
@@ -13,6 +14,24 @@ Needs ``routing``: ``data.batches[t]`` holds a few input batches (or ``(x, y)`` 
 you get by passing ``data.features`` (e.g. a frozen encoder). :class:`TwinMergedModel` performs the
 per-input merge with ``torch.vmap`` and keeps the T exclusive parts dense, so it suits models
 whose T copies fit in memory. Rank 16, 200 router steps and lr 1e-2 are our defaults.
+
+Checked against: LZY-the-boys/Twin-Merging discriminative/twin_merge.py (``extract_twin_vector``:
+v_t = θ_t − θ* compressed by ``sparsify.svd``; inference ``θ* + Σ_t softmax(router_prob)_t v_t``),
+discriminative/sparsify.py (``svd``: top singular triplets U_r S_r V_rᵀ, 1-D tensors kept whole),
+discriminative/scripts.sh and config/twin_merge.yml (shared expert = the task-arithmetic merge,
+``--mask-strategy svd --mask-rate 0.9``) and discriminative/router.py (router trained by
+cross-entropy on the task id). The split and the combination match (tests/test_reference_fixtures.py,
+fixtures from those functions). Fixed here: the shared
+merger defaulted to TIES; it is now task arithmetic, as in the authors' runs.
+Deviations: the rank is absolute (``rank``), where the authors keep a fraction of the singular
+values (``int(0.1 · len(S))`` at mask rate 0.9): an absolute rank bounds the storage per tensor on
+the small models polytask merges; tensors of more than two dimensions (conv kernels) are kept
+whole (``torch.linalg.svd`` in the reference would factor their trailing two dimensions); the
+authors exclude biases and classifier heads from the merge and take them from the evaluated
+task's own fine-tuned model (which needs the task id at test time), where we route biases with
+the rest; the router is one linear layer on φ(x) (the authors': a 3-layer MLP with BatchNorm and
+dropout on the mean-pooled last hidden states of the shared model, trained on up to 3000
+samples per task), a size that suits the few samples a merge gets here.
 """
 
 from __future__ import annotations
@@ -79,7 +98,7 @@ class TwinMerging(Merger):
     suite_defaults = {"text": {"steps": 200}}
     data_sizes = {"small": (4, 16), "vision": (4, 16), "text": (4, 16)}
 
-    def __init__(self, *, shared: str = "ties", shared_options: dict[str, Any] | None = None, rank: int = 16,
+    def __init__(self, *, shared: str = "task-arithmetic", shared_options: dict[str, Any] | None = None, rank: int = 16,
                  steps: int = 200, lr: float = 1e-2, seed: int = 0) -> None:
         self.shared = shared
         self.shared_options = dict(shared_options or {})

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -111,51 +112,153 @@ def _quiet(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+Pool = Literal["mean", "cls", "tokens"]
+
+
+def _hf_quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _weights_id(path: Path) -> list[dict[str, object]]:
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not files:
+        raise PolytaskError(f"{path} holds no model weights (*.safetensors or *.bin); pass the folder a model's "
+                            "save_pretrained wrote")
+    return [_file_id(f) for f in files]
+
+
+def lora_config(r: int, alpha: float, dropout: float, target_modules: Sequence[str] | None,
+                init: bool | str = True) -> Any:
+    """A peft ``LoraConfig`` (``target_modules=None``: peft's default modules for the model type)."""
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise missing("peft", "LoRA fine-tuning") from exc
+    if r < 1:
+        raise PolytaskError(f"LoRA rank r must be >= 1, not {r}")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", init_lora_weights=init,
+                      target_modules=list(target_modules) if target_modules is not None else None)
+
+
+def with_lora(model: nn.Module, config: Any, adapter_name: str = "default") -> Any:
+    """``peft.get_peft_model`` (quietly: peft's transformers-5 deprecation warning is not the user's)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+@BACKBONES.register("hf")
+class HFEncoder(PretrainedEncoder):
+    """Any Hugging Face encoder in a local folder (``AutoModel.from_pretrained(path)``), its own
+    tokenizer; mean / CLS pooling or per-token states; frozen (cached), full or LoRA fine-tuning."""
+
+    def __init__(self, spec: InputSpec, *, path: str | os.PathLike[str] = "", finetune: Finetune = "frozen",
+                 pool: Pool = "mean", r: int = 8, alpha: float = 16.0, lora_dropout: float = 0.0,
+                 target_modules: Sequence[str] | None = None, normalize: bool = False, cache: bool = True,
+                 name: str = "hf") -> None:
+        if spec.kind != "tokens":
+            raise PolytaskError(f"backbone {name!r} takes token inputs, not {spec.kind}; use a text suite such as wordnet")
+        _check_finetune(name, finetune, ("frozen", "full", "lora"))
+        if pool not in ("mean", "cls", "tokens"):
+            raise PolytaskError(f"pool must be 'mean', 'cls' or 'tokens', not {pool!r}")
+        folder = Path(path) if path else None
+        if folder is None or not (folder / "config.json").is_file():
+            raise PolytaskError(f"backbone {name!r} needs path= a local model folder with config.json "
+                                f"(what save_pretrained writes), not {str(path)!r}")
+        require_module("transformers", "minilm", f"backbone {name!r}")
+        _hf_quiet()
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)  # unused: the pooling is ours
+        if finetune == "lora":
+            model = with_lora(model, lora_config(r, alpha, lora_dropout, target_modules))
+        super().__init__()
+        self.name, self.path, self.pool, self.normalize = name, folder, pool, normalize
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self._tokenizer: Any = None
+        identity = {"weights": _file_id(folder / "model.safetensors") if name == "minilm" else _weights_id(folder),
+                    "pool": pool, "normalize": normalize}
+        self.attach(name, model, finetune, model.config.hidden_size, cache and pool != "tokens", identity)
+
+    def train_base(self, trainable: bool) -> None:
+        """Make the pretrained weights trainable or frozen (never the unused pooler; adapters keep their state)."""
+        for n, p in self.encoder.named_parameters():
+            if "lora_" not in n and not n.startswith("pooler.") and ".pooler." not in n:
+                p.requires_grad_(trainable)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's own tokenizer (``AutoTokenizer.from_pretrained(path)``), loaded on first use."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        return self._tokenizer
+
+    def tokenize(self, texts: Sequence[str], seq_len: int) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` [N, seq_len] from the model's tokenizer (right padded, truncated)."""
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=seq_len,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
+
+    def tokens(self, x: Inputs) -> tuple[Tensor, Tensor]:
+        """Input ids and attention mask with the all-padding columns at the right dropped."""
+        if not isinstance(x, dict) or "input_ids" not in x or "attention_mask" not in x:
+            raise PolytaskError(f"backbone {self.name!r} takes a dict with input_ids and attention_mask")
+        ids, mask = x["input_ids"], x["attention_mask"]
+        if ids.numel() and int(ids.max()) >= self.vocab_size:
+            raise PolytaskError(f"token id {int(ids.max())} is outside the vocabulary of {self.path} "
+                                f"({self.vocab_size}); tokenise the texts with this backbone's tokenize()")
+        length = max(int(mask.sum(1).max()), 1) if mask.numel() else 1  # right padding
+        return ids[:, :length], mask[:, :length]
+
+    def states(self, ids: Tensor | None, mask: Tensor, inputs_embeds: Tensor | None = None) -> Tensor:
+        """Last hidden states [B, L, H] of ``ids`` (or of ``inputs_embeds``)."""
+        if inputs_embeds is not None:
+            return self.net(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        return self.net(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def pool_states(self, hidden: Tensor, mask: Tensor, pool: str | None = None, length: int | None = None) -> Tensor:
+        """Pooled [B, H] (``mean`` over the mask, ``cls``: the first state) or, for ``tokens``, the states
+        right-padded with zeros back to ``length`` positions."""
+        pool = pool or self.pool
+        if pool == "tokens":
+            return F.pad(hidden, (0, 0, 0, max((length or 0) - hidden.shape[1], 0)))
+        if pool == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def encode(self, x: Inputs) -> Tensor:
+        ids, mask = self.tokens(x)
+        return self.pool_states(self.states(ids, mask), mask, length=x["input_ids"].shape[1])  # type: ignore[index]
+
+
 @BACKBONES.register("minilm")
-class MiniLM(PretrainedEncoder):
+class MiniLM(HFEncoder):
     """all-MiniLM-L6-v2 sentence encoder (384-d mean-pooled tokens); frozen (cached), full or LoRA fine-tuning."""
 
     def __init__(self, spec: InputSpec, *, finetune: Finetune = "frozen", r: int = 8, alpha: float = 16.0,
                  lora_dropout: float = 0.0, target_modules: Sequence[str] = ("query", "value"),
-                 normalize: bool = False, cache: bool = True) -> None:
+                 pool: Pool = "mean", normalize: bool = False, cache: bool = True) -> None:
         if spec.kind != "tokens":
             raise PolytaskError(f"backbone 'minilm' takes token inputs, not {spec.kind}; use a text suite such as wordnet")
-        _check_finetune("minilm", finetune, ("frozen", "full", "lora"))
         path = minilm_dir("backbone 'minilm'")
-        require_module("transformers", "minilm", "backbone 'minilm'")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        if finetune == "lora":
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError as exc:
-                raise missing("peft", "backbone 'minilm' with finetune='lora'") from exc
-            if r < 1:
-                raise PolytaskError(f"LoRA rank r must be >= 1, not {r}")
-            config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
-                                bias="none")
-            model = get_peft_model(model, config)
-        super().__init__()
-        self.normalize = normalize
-        identity = {"weights": _file_id(path / "model.safetensors"), "pool": "mean", "normalize": normalize}
-        self.attach("minilm", model, finetune, model.config.hidden_size, cache, identity)
-
-    def encode(self, x: Inputs) -> Tensor:
-        if not isinstance(x, dict) or "input_ids" not in x:
-            raise PolytaskError("backbone 'minilm' takes a dict with input_ids and attention_mask")
-        mask = x["attention_mask"]
-        length = max(int(mask.sum(1).max()), 1)  # right padding: drop all-padding columns
-        ids, mask = x["input_ids"][:, :length], mask[:, :length]
-        hidden = self.net(input_ids=ids, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+        super().__init__(spec, path=path, finetune=finetune, pool=pool, r=r, alpha=alpha, lora_dropout=lora_dropout,
+                         target_modules=target_modules, normalize=normalize, cache=cache, name="minilm")
 
 
 @BACKBONES.register("efficientnet-lite0")

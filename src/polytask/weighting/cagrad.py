@@ -15,6 +15,16 @@ shared gradient is T d / (1 + c^2); with c = 0 it is T g0 = sum_t g_t, i.e. plai
 
 Gradient source: shared parameters (``mode="params"``, default, as the paper);
 ``mode="rep"`` uses the shared representation (cheaper; LibMTL's rep_grad).
+
+Checked against: Cranial-XIX/CAGrad nyuv2/utils.py (``cagrad``: g0_norm = sqrt(mean(GG) + 1e-8),
+c = alpha·g0_norm + 1e-8, objective xᵀA b + c·sqrt(xᵀA x + 1e-8) with b uniform, scipy
+``minimize`` from uniform weights with bounds [0, 1] and the simplex equality (SLSQP),
+lmbda = c / (||g_w|| + 1e-8), g = mean + lmbda·g_w, ``rescale=1`` divides by 1 + alpha²;
+``overwrite_grad`` multiplies by the number of tasks), nyuv2/run.sh (alpha 0.4) and
+median-research-group/LibMTL LibMTL/weighting/CAGrad.py (the same for T tasks). They match;
+tests/fixtures/make_cagrad_fixture.py runs that solve on fixed gradients.
+Deviations: the solve is on the float64 Gram matrix (the reference: float32); ``mode="rep"`` is
+ours (LibMTL refuses CAGrad on representation gradients).
 """
 
 from __future__ import annotations

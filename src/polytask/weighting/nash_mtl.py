@@ -14,11 +14,21 @@ convex approximations (CCP, its Sec. 3.2) with cvxpy/ECOS, which approaches the 
 in up to 20 conic solves; when the gradients are linearly dependent neither has a solution
 and, as the official code does on solver failure, we keep the previous alpha.
 
-As in the official code, M is divided by its Frobenius norm before solving (alpha is not
-rescaled back), the solve starts from the previous alpha (ones at first), alpha is
-recomputed every ``update_weights_every`` steps (reused in between, skipping the per-task
-gradients), every parameter gets the gradient of sum_t alpha_t L_t, and the shared
-gradient is clipped to norm ``max_norm`` (1.0 in the official code; 0 disables).
+Checked against the official code (AvivNavon/nash-mtl, methods/weight_methods.py, class
+NashMTL at commit cce1840; LibMTL's weighting/Nash_MTL.py is the same code): it divides
+G^T G by its Frobenius norm s before the solve, but its constraints
+-log(alpha_i s) - log((G^T G / s) alpha)_i <= 0 and its objective (1/s times the raw one)
+put s back, so its CCP solves the raw Eq. 5, alpha_i (M alpha)_i = 1, and its warm start
+is the previous raw alpha. Re-run with cvxpy 1.9/ECOS on five random 3-task Gram matrices
+(||M||_F from 29 to 2081), that CCP's alpha matched ours to 2.3e-7 relative. We do the same:
+solve on M/s for conditioning and rescale the solution by 1/sqrt(s), starting from the
+previous alpha (ones at first) mapped to that scale.
+Deviations: the official stopping test ||(M/s) alpha - 1/alpha|| < 1e-3 is written on the
+normalised matrix but applied to the raw alpha (so in practice it stops on its other tests:
+alpha moving less than 1e-6, or 20 CCP steps); ours solves to 1e-9 on M/s. Otherwise as
+official: alpha is recomputed every ``update_weights_every`` steps (reused in between,
+skipping the per-task gradients), every parameter gets the gradient of sum_t alpha_t L_t, and
+the shared gradient is clipped to norm ``max_norm`` (1.0 in the official code; 0 disables).
 
 Gradient source: shared parameters (``mode="params"``, default, as the paper);
 ``mode="rep"`` uses the shared representation (cheaper).
@@ -38,7 +48,7 @@ from polytask.weighting.base import GradContext, Weighting
 from polytask.weighting._common import check_mode, gram, need_ctx
 
 
-def nash_weights(m: np.ndarray, start: np.ndarray, max_iter: int = 100, tol: float = 1e-9) -> np.ndarray | None:
+def _newton(m: np.ndarray, start: np.ndarray, max_iter: int, tol: float) -> np.ndarray | None:
     """alpha > 0 with m alpha = 1/alpha (damped Newton on the convex potential), or None if it fails."""
     alpha = np.asarray(start, dtype=np.float64).copy()
 
@@ -66,6 +76,21 @@ def nash_weights(m: np.ndarray, start: np.ndarray, max_iter: int = 100, tol: flo
     return alpha if converged and np.isfinite(alpha).all() else None
 
 
+def nash_weights(m: np.ndarray, start: np.ndarray, max_iter: int = 100, tol: float = 1e-9) -> np.ndarray | None:
+    """alpha > 0 with m alpha = 1/alpha (Eq. 5 on the Gram matrix ``m`` itself), or None if there is none.
+
+    Solved on m/s, s = ||m||_F, for conditioning, from ``start`` (an alpha for ``m``) mapped to
+    that scale, then mapped back: (m/s) a = 1/a  <=>  m (a/sqrt(s)) = 1/(a/sqrt(s)).
+    ``tol`` applies to the scaled system.
+    """
+    scale = float(np.linalg.norm(m))
+    if not np.isfinite(scale) or scale <= 0:
+        return None
+    root = np.sqrt(scale)
+    solved = _newton(m / scale, np.asarray(start, dtype=np.float64) * root, max_iter, tol)
+    return None if solved is None else solved / root
+
+
 @WEIGHTINGS.register("nash-mtl")
 class NashMTL(Weighting):
     """Nash-MTL: task weights from the Nash bargaining solution G^T G a = 1/a (Navon et al. 2022)."""
@@ -88,10 +113,7 @@ class NashMTL(Weighting):
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("nash-mtl", ctx)
         if int(self.step) % self.update_weights_every == 0:
-            grads = ctx.task_grads(losses)
-            m = gram(grads).numpy()
-            scale = float(np.linalg.norm(m))
-            solved = nash_weights(m / scale, self.alpha.numpy()) if scale > 0 else None
+            solved = nash_weights(gram(ctx.task_grads(losses)).numpy(), self.alpha.numpy())
             if solved is not None:
                 self.alpha.copy_(torch.from_numpy(solved))
         self.step += 1

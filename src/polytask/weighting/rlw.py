@@ -4,6 +4,13 @@ Random Weighting: A Litmus Test for Multi-Task Learning"), Eq. 3 with the normal
     lambda = softmax(eps),  eps ~ N(0, I_T),  drawn afresh every step;  L = sum_t lambda_t L_t
 
 The draws come from a private generator seeded by ``seed`` (same seed, same weights).
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/RLW.py ("implemented by us": the
+library of the paper's first author; ``F.softmax(torch.randn(task_num), dim=-1)`` each step, loss
+``sum(losses * weights)``). They match; tests/test_reference_fixtures.py checks the draw.
+Deviations: the draw uses a private seeded ``torch.Generator`` (saved with the weighting's state)
+instead of the global RNG, so the model's own random stream is untouched and resume is exact;
+other samplers than the normal one are not offered (LibMTL implements only the normal one).
 """
 
 from __future__ import annotations

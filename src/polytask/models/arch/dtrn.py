@@ -36,6 +36,10 @@ behaviour embeddings, the hypernetwork, the dense projection and the MMoE expert
 marks the backbone outputs (field embeddings, sequence embeddings, projected dense
 features) as the shared representation; the shared TIM parts sit above that cut, so in rep
 mode they receive the weighted sum of the task gradients directly.
+
+No reference code found; looked in: find_repos "DTRN" (unrelated repositories only), code search
+"deep task-specific bottom representation hypernetwork conditional transformer SENet", and the
+paper pages. Deviations: the simplifications listed above, all ours.
 """
 
 from __future__ import annotations

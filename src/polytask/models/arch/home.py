@@ -30,6 +30,11 @@ expert at both levels, with ``W_up`` initialised to zero (each gate starts as th
 the self-gate uses one sigmoid weight per task expert; the level-2 task gate reads the
 category meta representation z_{c(t)}; category names are ``group0``, ``group1``, ... in
 ``task_groups`` order. Training batches of one sample use BatchNorm's running statistics.
+
+No reference code found; looked in: code search "HoME hierarchy of multi-gate experts Kuaishou
+feature gate self gate" (only unattributed third-party re-implementations, whose feature gate,
+2·sigmoid(v·BA) with a low-rank BA, agrees with (c) above), find_repos, and the paper pages
+(arXiv 2408.05430 summaries). Deviations: the choices listed above, all ours.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ class MMoE(ExpertDiagnostics, Architecture):
         super().__init__(tasks, input_spec, backbone, backbone_options)
         if num_gates not in (None, 1, len(self.tasks)):
             raise PolytaskError(f"mmoe num_gates must be 1 (OMoE) or the number of tasks ({len(self.tasks)})")
+        if num_experts < 1:
+            raise PolytaskError(f"mmoe num_experts must be at least 1, not {num_experts}; pass e.g. num_experts=8")
         if not expert:
             raise PolytaskError("mmoe needs at least one expert layer; pass expert=[16]")
         d_in = self.backbone.out_dim

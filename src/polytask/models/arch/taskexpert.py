@@ -23,6 +23,13 @@ Choices and simplifications (the paper works on ViT token maps of a pretrained b
 Ownership: trunk and experts are shared; each task's gates (every stage) and head are its own (the
 memory is a per-task activation, no parameters). Rep mode cuts at everything the task side reads:
 the stage features ``h_1..h_L`` (gate inputs) and every stage's stacked expert outputs.
+
+No reference code found; looked in: prismformore/Multi-Task-Transformer (the paper's announced
+home; the stored snapshot, all 86 commits, holds only InvPT/ and TaskPrompter/, no TaskExpert
+folder), find_repos "TaskExpert" / "prismformore" (no other repository of the authors with it),
+code search "memorial mixture of experts gating feature memory" and the paper pages (abstracts and
+summaries only, no equations). Deviations: the simplifications listed above, all ours; without
+the authors' code or the full paper text they are unverified readings of the abstract and the Fig. 2 caption.
 """
 
 from __future__ import annotations
