@@ -37,7 +37,7 @@ STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
     "online-ewc": {"lam": 1000.0, "gamma": 1.0, "fisher_samples": 300},
     "si": {"c": 10.0},
     "replay": {"memory": 500},
-    "der": {"memory": 500},
+    "der++": {"memory": 500},
     "agem": {"memory_per_experience": 100},
     "tame": {"window": 10},  # experiences here last 16-40 steps: a 20-step window would rarely fill
 }
@@ -117,7 +117,7 @@ def ordering_checks(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     s = "split-mnist"
     check("split-mnist: finetune far below replay and DER++ (>= 0.2 apart)",
-          acc[(s, "replay")] - acc[(s, "finetune")] >= 0.2 and acc[(s, "der")] - acc[(s, "finetune")] >= 0.2)
+          acc[(s, "replay")] - acc[(s, "finetune")] >= 0.2 and acc[(s, "der++")] - acc[(s, "finetune")] >= 0.2)
     check("split-mnist: EWC and LwF between finetune (-0.02) and replay",
           all(acc[(s, "finetune")] - 0.02 <= acc[(s, m)] <= acc[(s, "replay")] for m in ("ewc", "lwf")))
     for scen in ("split-mnist", "permuted-mnist", "wordnet-topics"):

@@ -353,7 +353,7 @@ def test_tame_revisits_a_known_task_instead_of_growing():
 
 # ------------------------------------------------------------------ runners
 def test_every_strategy_and_scenario_is_registered():
-    assert set(STRATEGIES.names()) >= {"finetune", "joint", "ewc", "online-ewc", "si", "lwf", "replay", "agem", "der",
+    assert set(STRATEGIES.names()) >= {"finetune", "joint", "ewc", "online-ewc", "si", "lwf", "replay", "agem", "der++",
                                        "l2p", "tame"}
     assert set(SCENARIOS.names()) >= {"split-digits", "split-mnist", "permuted-mnist", "split-fashion-mnist",
                                       "wordnet-topics", "synthetic-recsys-drift", "task-free-digits"}
@@ -375,7 +375,7 @@ def test_joint_trains_on_the_union_of_experiences_seen():
     assert set(data.y["class"].tolist()) == {0, 1, 2, 3, 4, 5}
 
 
-@pytest.mark.parametrize("strategy", ["ewc", "si", "lwf", "der", "agem", "tame"])
+@pytest.mark.parametrize("strategy", ["ewc", "si", "lwf", "der++", "agem", "tame"])
 def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, strategy, monkeypatch):
     config = ContinualConfig(scenario="split-digits", strategy=strategy, train={"epochs": 2})
     full = run_continual(config, tmp_path / "full").metrics

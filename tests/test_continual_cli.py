@@ -45,7 +45,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_metrics(tmp_path):
-    args = [*ARGS, "--strategy", "der", "--epochs", "10"]
+    args = [*ARGS, "--strategy", "der++", "--epochs", "10"]
     full = tmp_path / "full"
     run_cli(*args, "--out", str(full))
     killed = tmp_path / "killed"

@@ -13,8 +13,10 @@ tensors), so it loads without unpickling anything.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,15 +31,28 @@ from polytask.io import load_safetensors, save_safetensors, write_json, write_te
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``."""
+    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``.
+
+    Safe with several processes building the same ``target`` (a cache) at once: each fills its
+    own temporary folder, and if another copy lands between our removal of the old one and our
+    rename, that copy is kept and ours dropped (both are builds of the same thing).
+    """
     target = Path(target)
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        old = target.with_name(f".old-{target.name}-{os.getpid()}-{tmp.name[-8:]}")
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:
+            pass
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

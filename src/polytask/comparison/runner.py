@@ -32,7 +32,7 @@ ROUTES = ("joint", "continual", "merge")
 START = "pretrained body; linear heads from the linear probes (LP-FT)"
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {
     "joint": ("shared-bottom+ew", "mmoe+uw", "shared-bottom+mgda"),
-    "continual": ("finetune", "ewc", "replay", "der"),
+    "continual": ("finetune", "ewc", "replay", "der++"),
     "merge": ("task-arithmetic", "ties", "atlas", "twin-merging"),
 }
 

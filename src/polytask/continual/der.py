@@ -6,10 +6,10 @@ the time it was stored. The loss of every step is (Eq. 6 of the paper)
 
     L = L(B_t) + α · E_{(x', z') ~ M} ‖z' − h_θ(x')‖²₂ + β · E_{(x'', y'') ~ M} ℓ(y'', f_θ(x'')),
 
-with two independent memory batches. Registered as ``der++``; the old name ``der`` still works
-but warns (DER in the literature is Dynamically Expandable Representation, Yan et al. 2021). The squared error is averaged over output units and
+with two independent memory batches. The squared error is averaged over output units and
 samples (the authors' code, ``F.mse_loss``), over the tasks each stored sample is labelled
-for. Needs no task boundaries.
+for. Needs no task boundaries. Registered as ``der++``: the old name ``der`` still works but
+warns (in the literature DER is Dynamically Expandable Representation, Yan et al. 2021).
 """
 
 from __future__ import annotations
