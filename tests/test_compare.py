@@ -83,7 +83,7 @@ def test_trained_routes_start_from_the_builds_own_linear_probes():
     (["--methods", "joint:mmoe"], "must be ARCH+WEIGHTING"),
     (["--routes", "joint,sideways"], "unknown route 'sideways'"),
     (["--routes", "joint", "--methods", "merge:ties"], "not among the routes"),
-    (["--seeds", "0"], "seeds must be at least 1"),
+    (["--seeds", "0"], "Invalid value for '--seeds'"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
     proc = run_cli("compare", *args, "--out", str(tmp_path / "out"), check=False)
