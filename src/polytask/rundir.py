@@ -63,12 +63,16 @@ def _lock(path: Path) -> IO[str] | None:
     return handle
 
 
+def _busy(out: Path) -> PolytaskError:
+    return PolytaskError(f"another polytask process is writing to {str(out)!r}; wait for it to finish or choose another out=")
+
+
 def _check_unlocked(out: Path) -> None:
     lock = out / LOCK
     if lock.is_file():
         handle = _lock(lock)
         if handle is None:
-            raise PolytaskError(f"another polytask process is writing to {str(out)!r}; wait for it to finish or choose another out=")
+            raise _busy(out)
         handle.close()
 
 
@@ -127,7 +131,7 @@ def open_run_dir(out: Path, resume: bool, overwrite: bool, kind: str = "run") ->
     if handle is None:
         if backup is not None:
             os.replace(backup, out)
-        raise PolytaskError(f"another polytask process is writing to {str(out)!r}; wait for it to finish or choose another out=")
+        raise _busy(out)
     run = RunDir(out, backup)
     try:
         yield run

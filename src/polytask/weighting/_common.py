@@ -4,14 +4,14 @@ of UPGrad and DualProj) and a seeded, checkpointed random generator."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.weighting.base import GradContext
+from polytask.weighting.base import GradContext, Weighting
 
 
 def check_choice(method: str, option: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -133,3 +133,26 @@ class SeededRandom:
 
     def permutation(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.generator).tolist()
+
+
+class GramianWeighting(Weighting):
+    """A gradient method whose update is ``w @ G`` with ``w`` computed from the per-task gradients
+    ``G`` (in practice from their Gram matrix): subclasses name themselves and give :meth:`weights`."""
+
+    grad_source = "params"
+    method: ClassVar[str]
+
+    def __init__(self, task_names: Sequence[str], *, mode: str = "params") -> None:
+        super().__init__(task_names)
+        self.mode = check_mode(self.method, mode)  # type: ignore[assignment]
+
+    def weights(self, grads: Tensor) -> np.ndarray:
+        """The [T] combination weights of the rows of ``grads``."""
+        raise NotImplementedError
+
+    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+        ctx = need_ctx(self.method, ctx)
+        grads = ctx.task_grads(losses)
+        w = torch.from_numpy(self.weights(grads)).to(grads)
+        ctx.apply(losses, None, w @ grads)
+        return w

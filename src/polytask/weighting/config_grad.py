@@ -27,15 +27,12 @@ Registered as "config". Gradient source: shared parameters (``mode="params"``, d
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, need_ctx
+from polytask.weighting._common import GramianWeighting
 
 
 def config_weights(m: np.ndarray, rtol: float) -> np.ndarray:
@@ -53,20 +50,12 @@ def config_weights(m: np.ndarray, rtol: float) -> np.ndarray:
 
 
 @WEIGHTINGS.register("config")
-class ConFIG(Weighting):
+class ConFIG(GramianWeighting):
     """ConFIG: the direction equally aligned with every task gradient, scaled by their projections (Liu et al. 2024)."""
 
-    grad_source = "params"
+    method = "config"
 
-    def __init__(self, task_names: Sequence[str], *, mode: str = "params") -> None:
-        super().__init__(task_names)
-        self.mode = check_mode("config", mode)  # type: ignore[assignment]
-
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
-        ctx = need_ctx("config", ctx)
-        grads = ctx.task_grads(losses)
+    def weights(self, grads: Tensor) -> np.ndarray:
         wide = grads.detach().double()
         rtol = max(grads.shape) * torch.finfo(grads.dtype).eps
-        w = torch.from_numpy(config_weights((wide @ wide.T).cpu().numpy(), rtol)).to(grads)
-        ctx.apply(losses, None, w @ grads)
-        return w
+        return config_weights((wide @ wide.T).cpu().numpy(), rtol)

@@ -23,15 +23,11 @@ shared representation (cheaper).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
-import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, gram, need_ctx, project_to_dual_cone
+from polytask.weighting._common import GramianWeighting, gram, project_to_dual_cone
 
 
 def dualproj_weights(m: np.ndarray) -> np.ndarray:
@@ -41,18 +37,10 @@ def dualproj_weights(m: np.ndarray) -> np.ndarray:
 
 
 @WEIGHTINGS.register("dualproj")
-class DualProj(Weighting):
+class DualProj(GramianWeighting):
     """DualProj: the mean gradient projected onto the dual cone of the task gradients (Quinton & Rey 2024)."""
 
-    grad_source = "params"
+    method = "dualproj"
 
-    def __init__(self, task_names: Sequence[str], *, mode: str = "params") -> None:
-        super().__init__(task_names)
-        self.mode = check_mode("dualproj", mode)  # type: ignore[assignment]
-
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
-        ctx = need_ctx("dualproj", ctx)
-        grads = ctx.task_grads(losses)
-        w = torch.from_numpy(dualproj_weights(gram(grads).numpy())).to(grads)
-        ctx.apply(losses, None, w @ grads)
-        return w
+    def weights(self, grads: Tensor) -> np.ndarray:
+        return dualproj_weights(gram(grads).numpy())

@@ -26,15 +26,11 @@ Gradient source: shared parameters (``mode="params"``, default, as the paper);
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
-import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, gram, need_ctx, project_to_dual_cone
+from polytask.weighting._common import GramianWeighting, gram, project_to_dual_cone
 
 
 def upgrad_weights(m: np.ndarray) -> np.ndarray:
@@ -44,18 +40,10 @@ def upgrad_weights(m: np.ndarray) -> np.ndarray:
 
 
 @WEIGHTINGS.register("upgrad")
-class UPGrad(Weighting):
+class UPGrad(GramianWeighting):
     """UPGrad: the mean of the task gradients' projections onto their dual cone (Quinton & Rey 2024)."""
 
-    grad_source = "params"
+    method = "upgrad"
 
-    def __init__(self, task_names: Sequence[str], *, mode: str = "params") -> None:
-        super().__init__(task_names)
-        self.mode = check_mode("upgrad", mode)  # type: ignore[assignment]
-
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
-        ctx = need_ctx("upgrad", ctx)
-        grads = ctx.task_grads(losses)
-        w = torch.from_numpy(upgrad_weights(gram(grads).numpy())).to(grads)
-        ctx.apply(losses, None, w @ grads)
-        return w
+    def weights(self, grads: Tensor) -> np.ndarray:
+        return upgrad_weights(gram(grads).numpy())
