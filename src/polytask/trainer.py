@@ -291,17 +291,17 @@ class Trainer:
             term = hook.extra_loss(self, batch, outputs)
             if term is not None:
                 extra = term if extra is None else extra + term
-        if extra is not None:
-            extra.backward(retain_graph=True)
-        if self.ctx is not None:
-            self.ctx.reset()
-            if self.ddp is not None:
-                with self.ddp.no_sync():  # type: ignore[operator]
-                    weights = self.weighting.backward(losses, self.ctx)
-            else:
-                weights = self.weighting.backward(losses, self.ctx)
+        if self.ctx is None and type(self.weighting).objective is not Weighting.objective:
+            total, weights = self.weighting.objective(losses)  # a loss-based rule: one backward pass with the extra loss
+            (total if extra is None else total + extra).backward()
         else:
-            weights = self.weighting.backward(losses, None)
+            if extra is not None:
+                extra.backward(retain_graph=True)
+            if self.ctx is not None:
+                self.ctx.reset()
+            sync = self.ddp.no_sync() if self.ddp is not None and self.ctx is not None else nullcontext()
+            with sync:  # type: ignore[attr-defined]
+                weights = self.weighting.backward(losses, self.ctx)
         if self.distributed:
             for p in self.weighting.parameters():
                 if p.grad is not None:

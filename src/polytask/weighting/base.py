@@ -208,9 +208,17 @@ class Weighting(nn.Module):
         self.num_tasks = len(self.task_names)
         self.mode: GradSource = self.grad_source
 
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """For a loss-based rule (``grad_source == "none"``): the scalar whose gradient is the
+        update, and the effective task weights [T]. The trainer backpropagates it in one pass
+        together with any extra loss (a continual strategy's regulariser)."""
+        raise NotImplementedError(f"{type(self).__name__} combines gradients; it has no scalar objective")
+
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         """Compute gradients for ``losses`` [T]; return the effective task weights [T] for logging."""
-        raise NotImplementedError
+        total, weights = self.objective(losses)
+        total.backward()
+        return weights
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
         """Hook called after each training epoch with the epoch's mean task losses [T]."""

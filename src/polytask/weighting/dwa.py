@@ -16,7 +16,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 
 
 @WEIGHTINGS.register("dwa")
@@ -38,10 +38,9 @@ class DynamicWeightAverage(Weighting):
         ratio = self.history[1] / self.history[0].clamp_min(1e-12)
         return self.num_tasks * torch.softmax(ratio / self.temperature, 0)
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = self.current_weights().to(losses)
-        (w * losses).sum().backward()
-        return w.detach()
+        return (w * losses).sum(), w.detach()
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
         latest = mean_losses.detach().to(self.history)

@@ -6,13 +6,12 @@ import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 
 
 @WEIGHTINGS.register("ew")
 class EqualWeighting(Weighting):
     """Equal weighting: the sum of task losses (the usual baseline)."""
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
-        losses.sum().backward()
-        return torch.ones_like(losses).detach()
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        return losses.sum(), torch.ones_like(losses).detach()

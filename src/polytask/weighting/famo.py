@@ -32,7 +32,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
@@ -69,14 +69,13 @@ class FAMO(Weighting):
         v_hat = self.adam_v / (1 - _BETAS[1] ** k)
         self.logits.sub_(self.lr * m_hat / (v_hat.sqrt() + _EPS))
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         current = losses.detach().to(self.logits)
         if bool(self.has_prev):
             self.update_logits(self.prev_losses, current)
         z = torch.softmax(self.logits, 0).to(losses)
         shifted = losses + _EPS
         c = (z / shifted.detach()).sum()
-        (z * torch.log(shifted) / c).sum().backward()
         self.prev_losses.copy_(current)
         self.has_prev.fill_(True)
-        return (z / (c * shifted)).detach()
+        return (z * torch.log(shifted) / c).sum(), (z / (c * shifted)).detach()

@@ -15,17 +15,16 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 
 
 @WEIGHTINGS.register("gls")
 class GeometricLossStrategy(Weighting):
     """Geometric loss strategy: minimise the geometric mean of the task losses (Chennupati et al. 2019)."""
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         if not bool((losses > 0).all()):
             raise PolytaskError("weighting 'gls' needs positive task losses (it takes their geometric mean); "
                                 "use 'ew' for tasks whose loss can reach 0")
         total = losses.log().mean().exp()
-        total.backward()
-        return (total / (len(losses) * losses)).detach()
+        return total, (total / (len(losses) * losses)).detach()

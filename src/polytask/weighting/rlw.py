@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 from polytask.weighting._common import SeededRandom
 
 
@@ -33,7 +33,6 @@ class RandomLossWeighting(SeededRandom, Weighting):
         super().__init__(task_names)
         self._seed(seed)
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         w = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), 0).to(losses)
-        (w * losses).sum().backward()
-        return w
+        return (w * losses).sum(), w

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 from polytask.weighting._common import check_choice
 
 
@@ -55,16 +55,14 @@ class STCH(Weighting):
     def transform(self, losses: Tensor) -> Tensor:
         return torch.log(losses + 1e-20) if self.log else losses
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
         ell = self.transform(losses)
         if self.reference == "min":
             self.ideal.copy_(torch.minimum(self.ideal, ell.detach().to(self.ideal)))
         if int(self.epochs_done) < self.warmup_epochs:
-            ell.sum().backward()
-            return torch.ones_like(losses).detach()
+            return ell.sum(), torch.ones_like(losses).detach()
         gap = (ell - self.ideal.to(ell)) / self.mu
-        (self.num_tasks * self.mu * torch.logsumexp(gap, 0)).backward()
-        return (self.num_tasks * torch.softmax(gap, 0)).detach()
+        return self.num_tasks * self.mu * torch.logsumexp(gap, 0), (self.num_tasks * torch.softmax(gap, 0)).detach()
 
     def end_epoch(self, epoch: int, mean_losses: Tensor) -> None:
         self.epochs_done += 1

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting.base import GradContext, Weighting
+from polytask.weighting.base import Weighting
 
 
 @WEIGHTINGS.register("uw")
@@ -28,6 +28,5 @@ class UncertaintyWeighting(Weighting):
         super().__init__(task_names)
         self.log_vars = nn.Parameter(torch.full((self.num_tasks,), float(init)))
 
-    def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
-        (torch.exp(-self.log_vars) * losses + self.log_vars).sum().backward()
-        return torch.exp(-self.log_vars).detach()
+    def objective(self, losses: Tensor) -> tuple[Tensor, Tensor]:
+        return (torch.exp(-self.log_vars) * losses + self.log_vars).sum(), torch.exp(-self.log_vars).detach()
