@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,3 +52,10 @@ def cli() -> object:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def safetensors_equal(a: Path, b: Path) -> bool:
+    """Same tensors byte for byte and the same header (safetensors writes metadata keys in no fixed order)."""
+    raw_a, raw_b = a.read_bytes(), b.read_bytes()
+    n_a, n_b = (int.from_bytes(r[:8], "little") for r in (raw_a, raw_b))
+    return json.loads(raw_a[8:8 + n_a]) == json.loads(raw_b[8:8 + n_b]) and raw_a[8 + n_a:] == raw_b[8 + n_b:]

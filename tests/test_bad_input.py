@@ -195,6 +195,7 @@ def test_python_api_errors_are_polytask_errors():
     x = np.random.default_rng(0).normal(size=(40, 3))
     bad_x = x.copy()
     bad_x[2, 1] = np.nan
+    suite = TaskSuite.from_tensors(x, {"a": np.arange(40) % 2}, {"a": "binary"})
     calls = [
         (lambda: polytask.train("nope"), "unknown suite 'nope'"),
         (lambda: polytask.MERGERS.create("ties", density=2.0), "density"),
@@ -205,6 +206,7 @@ def test_python_api_errors_are_polytask_errors():
         (lambda: TaskSuite.from_tensors(x, {"a": np.arange(40) % 2}, {"a": "binary"}, masks={"a": np.zeros(40, bool)}),
          "has no labelled sample"),
         (lambda: polytask.run(None, "unused", resume=False), "needs a RunConfig"),
+        (lambda: polytask.ARCHITECTURES.create("mmoe", suite.tasks, suite.input_spec, expert=[0]), "layer sizes must be positive"),
     ]
     for call, message in calls:
         with pytest.raises(PolytaskError, match=message.replace("(", r"\(")):

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import kill_at_first_checkpoint, run_cli
+from conftest import kill_at_first_checkpoint, run_cli, safetensors_equal
 
 TRAIN = ["train", "--suite", "synthetic-mmoe", "--arch", "mmoe", "--weighting", "uw", "--epochs", "2", "--seed", "0",
          "--suite-option", "num_samples=1000", "--no-progress"]
@@ -100,6 +100,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     a = json.loads((full / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert a["test"] == b["test"] and b["epochs_trained"] == 6
+    assert safetensors_equal(full / "model.safetensors", killed / "model.safetensors")
 
 
 @pytest.mark.parametrize("suite, options", [("penguins", []), ("wordnet", ["--suite-option", "subset=200"]),

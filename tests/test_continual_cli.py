@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import kill_at_first_checkpoint, run_cli
+from conftest import kill_at_first_checkpoint, run_cli, safetensors_equal
 
 ARGS = ["continual", "--scenario", "split-digits", "--seed", "0", "--no-progress"]
 
@@ -57,3 +57,4 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     b = json.loads((killed / "metrics.json").read_text())
     for key in ("accuracy_matrix", "random_init_accuracy", "average_accuracy", "backward_transfer", "forgetting"):
         assert a[key] == b[key], key
+    assert safetensors_equal(full / "model.safetensors", killed / "model.safetensors")

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import random
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -133,3 +138,50 @@ def test_checkpoints_hold_safetensors_and_json_only(tmp_path):
     folder = out / "checkpoints" / "epoch-0001"
     assert sorted(p.name for p in folder.iterdir()) == ["best.safetensors", "model.safetensors", "state.json",
                                                         "state.safetensors"]
+
+
+@pytest.mark.slow
+def test_killed_merge_bench_redoes_only_unfinished_runs(tmp_path):
+    from test_merge_suites import TINY_CLI
+
+    args = ["merge-bench", "--suite", "digits-merge", "--methods", "average,ties,dare", "--seeds", "2",
+            "--no-progress", *TINY_CLI]
+    run_cli(*args, "--out", str(tmp_path / "full"))
+    killed = tmp_path / "killed"
+    finished = random.Random(0).randrange(1, 4)  # a seeded point: after the 1st, 2nd or 3rd of the 6 runs
+    proc = subprocess.Popen([sys.executable, "-m", "polytask", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while (len(list(killed.glob("runs/*/seed-*/metrics.json"))) < finished and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in killed.glob("runs/*/seed-*/metrics.json")}
+    assert len(done) >= finished and not (killed / "metrics.json").exists()  # nothing that looks complete
+    proc = run_cli(*args, "--out", str(killed), "--methods", "average,ties", check=False)
+    assert proc.returncode == 2 and "other settings (methods" in proc.stderr  # not mixed with another benchmark
+    run_cli(*args, "--out", str(killed))
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # finished runs were not redone
+    timing = ("seconds", "merge_seconds")
+    a, b = _metrics(tmp_path / "full"), _metrics(killed)
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a["runs"]] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in b["runs"]]
+    assert a["summary"] == b["summary"]
+
+
+def test_the_one_pickle_read_admits_only_arrays():
+    import io
+    import os
+    import pickle
+
+    import numpy as np
+
+    from polytask.data._sources import _ArrayUnpickler
+    from polytask.errors import PolytaskError
+
+    arrays = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2])),)
+    back = _ArrayUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+    assert np.array_equal(back[0][0], arrays[0][0]) and np.array_equal(back[0][1], arrays[0][1])
+    with pytest.raises(PolytaskError, match="not only arrays"):
+        _ArrayUnpickler(io.BytesIO(pickle.dumps(os.system))).load()

@@ -47,6 +47,14 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_if(path: str | os.PathLike[str]) -> Any:
+    """The JSON in ``path``, or None if there is no such file or it does not parse (then it is redone)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def write_yaml(path: str | os.PathLike[str], obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 

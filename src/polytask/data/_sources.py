@@ -53,8 +53,21 @@ def mnist_splits(needed_by: str = "suite 'mnist'") -> list[tuple[np.ndarray, np.
     """MNIST's standard 50k/10k/10k train/val/test split: ([N, 784] floats in [0, 1), [N] int64 digits)."""
     path = package_file("mnist", "data/mnist.pkl.gz", "mnist", needed_by)
     with gzip.open(path) as f:
-        splits = pickle.load(f, encoding="latin1")
+        splits = _ArrayUnpickler(f, encoding="latin1").load()
     return [(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)) for x, y in splits]
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads a pickle of NumPy arrays and refuses anything else (no code runs from the file)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise PolytaskError(f"the MNIST data file holds a {module}.{name} object, not only arrays; "
+                                "reinstall the mnist package")
+        return super().find_class(module, name)
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -21,6 +21,8 @@ DEFAULT_BACKBONE = {"dense": "identity", "features": "identity", "image": "cnn",
 
 def mlp(in_dim: int, hidden: Sequence[int], activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """A stack of Linear + activation layers (no output layer)."""
+    if any(not isinstance(h, int) or h < 1 for h in hidden):
+        raise PolytaskError(f"layer sizes must be positive whole numbers, got {list(hidden)}; give sizes such as [64, 32]")
     layers: list[nn.Module] = []
     for h in hidden:
         layers += [nn.Linear(in_dim, h), activation()]
