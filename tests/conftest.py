@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -32,18 +33,28 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.
     return proc
 
 
-def kill_at_first_checkpoint(args: list[str], out: Path, poll: float = 0.02) -> None:
-    """Start ``polytask *args --out out``, SIGKILL it once its first checkpoint exists, and
-    check it had not finished (so a resume has work left to do)."""
+def kill_at_checkpoint(args: list[str], out: Path, numbers: range, seed: int = 0, poll: float = 0.02) -> int:
+    """Start ``polytask *args --out out`` and SIGKILL it at a seeded random point: once the checkpoint
+    numbered k (``epoch-k`` / ``exp-00k``, k drawn from ``numbers``) is written. Checks that the run
+    had not finished (so a resume has work left) and returns k."""
+    k = random.Random(seed).choice(numbers)
     proc = subprocess.Popen([sys.executable, "-m", "polytask", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "LATEST"
+
+    def newest() -> int:
+        try:
+            return int(latest.read_text().strip().rsplit("-", 1)[1])
+        except (OSError, ValueError, IndexError):
+            return -1
+
     deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+    while newest() < k and time.time() < deadline and proc.poll() is None:
         time.sleep(poll)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    return k
 
 
 @pytest.fixture

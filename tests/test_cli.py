@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import kill_at_first_checkpoint, run_cli, safetensors_equal
+from conftest import kill_at_checkpoint, run_cli, safetensors_equal
 
 TRAIN = ["train", "--suite", "synthetic-mmoe", "--arch", "mmoe", "--weighting", "uw", "--epochs", "2", "--seed", "0",
          "--suite-option", "num_samples=1000", "--no-progress"]
@@ -93,7 +93,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     full = tmp_path / "full"
     run_cli(*args, "--out", str(full))
     killed = tmp_path / "killed"
-    kill_at_first_checkpoint(args, killed, poll=0.05)
+    kill_at_checkpoint(args, killed, range(1, 4), poll=0.01)
     proc = run_cli("eval", str(killed), check=False)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     run_cli("train", "--out", str(killed), "--resume", "--no-progress")
