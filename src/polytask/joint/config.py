@@ -22,6 +22,7 @@ class RunConfig(RouteConfig):
     weighting_options: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     baseline: str = "auto"
+    main: str | None = None  # a main task: its metric alone drives model selection and Δm
     train: TrainConfig = field(default_factory=TrainConfig)
 
     required = ("suite", "digits-multi")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -19,7 +20,7 @@ from polytask.joint.config import RunConfig
 from polytask.errors import PolytaskError
 from polytask.io import cache_dir, load_safetensors, save_safetensors, write_json, write_yaml
 from polytask.metrics import Results, delta_m
-from polytask.registry import ARCHITECTURES, SUITES
+from polytask.registry import ARCHITECTURES, SUITES, WEIGHTINGS
 from polytask.tasks import TaskSuite
 from polytask.rundir import RunDir, check_run_dir, open_run_dir
 from polytask.trainer import Hook, TrainConfig, Trainer, evaluate_model, seed_everything
@@ -46,9 +47,12 @@ def build_model(config: RunConfig, suite: TaskSuite) -> nn.Module:
                                 backbone_options=config.backbone_options, **config.arch_options)
 
 
-# What a resumed run may change: how long it trains, when it stops early, and how it reports.
+# What a resumed run may change: how long it trains, when it stops early, how it reports, and the
+# hardware it runs on (checkpoints hold CPU tensors; the optimizer kernels follow the device). Precision,
+# schedule, warm-up and accumulation change the training itself and stay as they were.
 RESUMABLE = frozenset({"train.epochs", "train.patience", "train.progress", "train.num_threads",
-                       "train.tensorboard", "train.eval_batch_size", "baseline"})
+                       "train.tensorboard", "train.eval_batch_size", "baseline",
+                       "train.device", "train.optimizer_impl"})
 
 
 def resume_config(stored: RunConfig, given: RunConfig | None) -> RunConfig:
@@ -94,15 +98,38 @@ def run(config: RunConfig | None, out: str | os.PathLike[str] | None = None, res
     if config is None:
         raise PolytaskError("run needs a RunConfig (config=None is only for resume=True with an out= folder)")
     suite = build_suite(config)
+    train_config, weighting_options = main_task_settings(config, suite)
     model = build_model(config, suite)
-    trainer = Trainer(model, suite.tasks, config.weighting, config.train, out_dir=out_path,
-                      weighting_options=config.weighting_options)
+    trainer = Trainer(model, suite.tasks, config.weighting, train_config, out_dir=out_path,
+                      weighting_options=weighting_options)
     baselines_file = read_baselines(config.baseline, suite) if config.baseline not in ("auto", "none") else None
     if out_path is None:
         return _train_and_test(config, suite, model, trainer, None, resume, baselines_file)
     with open_run_dir(out_path, resume, overwrite) as run_dir:
         trainer.hooks.append(_CommitOnCheckpoint(run_dir))
         return _train_and_test(config, suite, model, trainer, out_path, resume, baselines_file)
+
+
+def main_task_settings(config: RunConfig, suite: TaskSuite) -> tuple[TrainConfig, dict[str, Any]]:
+    """The training config and weighting options a run with a ``main`` task uses: the main task's
+    first metric drives model selection (unless ``monitor`` already names one of its metrics), and a
+    weighting that takes a ``main`` option (``fixed``, ``gradsim``) gets this one unless given another."""
+    options = dict(config.weighting_options)
+    if config.main is None:
+        return config.train, options
+    task = next((t for t in suite.tasks if t.name == config.main), None)
+    if task is None:
+        raise PolytaskError(f"main task {config.main!r} is not a task of suite {config.suite!r}; choose one of: "
+                            f"{', '.join(t.name for t in suite.tasks)}")
+    train = config.train
+    if train.monitor == "loss":
+        train = replace(train, monitor=f"{task.name}/{task.metrics[0]}")
+    elif train.monitor.partition("/")[0] != task.name:
+        raise PolytaskError(f"monitor {train.monitor!r} is not a metric of the main task {task.name!r}; "
+                            f"leave monitor out or give {task.name}/METRIC")
+    if "main" in inspect.signature(WEIGHTINGS.get(config.weighting)).parameters:
+        options.setdefault("main", task.name)
+    return train, options
 
 
 def _train_and_test(config: RunConfig, suite: TaskSuite, model: nn.Module, trainer: Trainer, out_path: Path | None,
@@ -120,6 +147,10 @@ def _train_and_test(config: RunConfig, suite: TaskSuite, model: nn.Module, train
         "test": test, "delta_m": delta_m(test, baselines, suite.tasks) if baselines else None,
         "baselines": baselines,
     }
+    if config.main is not None:  # Δm of the main task alone; the all-task figure is kept beside it
+        main = [t for t in suite.tasks if t.name == config.main]
+        metrics.update({"main": config.main, "delta_m_all_tasks": metrics["delta_m"],
+                        "delta_m": delta_m(test, baselines, main) if baselines else None})
     if out_path is not None and trainer.is_main:
         save_safetensors(out_path / "model.safetensors", model.state_dict(),
                          metadata={"polytask_arch": config.arch, "polytask_suite": config.suite})
