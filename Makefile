@@ -19,4 +19,4 @@ tour: install
 	$(BIN)/polytask tour
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto

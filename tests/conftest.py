@@ -19,8 +19,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One private cache per test session, shared by the pytest-xdist workers (builds are atomic)."""
     if "POLYTASK_CACHE" not in os.environ:
-        os.environ["POLYTASK_CACHE"] = str(tmp_path_factory.mktemp("polytask-cache"))
+        root = tmp_path_factory.getbasetemp()
+        shared = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root
+        os.environ["POLYTASK_CACHE"] = str(shared / "polytask-cache")
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
