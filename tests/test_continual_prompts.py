@@ -178,3 +178,15 @@ def test_prompt_strategies_are_registered_and_refuse_task_free_streams():
         DualPromptModel(Identity(3), TASKS, 2, e_length=3)
     with pytest.raises(PolytaskError, match="pool_size"):
         CodaPromptModel(Identity(3), TASKS, 5, pool_size=4)
+
+
+def test_multilabel_heads_mask_unseen_classes_with_a_constant_not_minus_infinity():
+    tasks = [Task("genres", "multilabel", num_classes=3)]
+    model = DualPromptModel(Identity(3), tasks, 3, g_length=2, e_length=2)
+    model.train_classes = {"genres": [0, 2]}
+    model.train()
+    logits = model.read_out(torch.randn(4, 3))["genres"]
+    assert torch.equal(logits[:, 1], torch.zeros(4))  # the unseen class: 0, so its loss stays finite
+    loss = tasks[0].loss(logits, torch.ones(4, 3)).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.heads.parameters())

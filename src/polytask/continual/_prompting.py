@@ -96,6 +96,9 @@ class PromptModel(AuxiliaryLoss):
         self.dim = int(backbone.out_dim)
         self.heads = nn.ModuleDict({t.name: nn.Linear(head_dim or self.dim, t.out_dim) for t in tasks})
         self.train_classes: dict[str, list[int]] = {}
+        # masked columns: -inf for softmax heads; 0 (a constant, no gradient) for independent sigmoids,
+        # where -inf would make the loss of a positive label infinite (as MULTI-LANE's authors do)
+        self.fill = {t.name: 0.0 if t.kind == "multilabel" else float("-inf") for t in tasks}
 
     def train(self, mode: bool = True) -> PromptModel:
         super().train(mode)
@@ -108,7 +111,7 @@ class PromptModel(AuxiliaryLoss):
             return self.backbone(x)
 
     def read_out(self, h: Tensor) -> dict[str, Tensor]:
-        """Head logits; in training, classes outside ``train_classes`` are masked to -inf."""
+        """Head logits; in training, classes outside ``train_classes`` are masked (-inf, or 0 for multi-label)."""
         out = {}
         for name, head in self.heads.items():
             logits = head(h)
@@ -116,7 +119,7 @@ class PromptModel(AuxiliaryLoss):
             if self.training and cols:
                 keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 keep[cols] = True
-                logits = logits.masked_fill(~keep, float("-inf"))
+                logits = logits.masked_fill(~keep, self.fill[name])
             out[name] = logits
         return out
 
