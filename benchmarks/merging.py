@@ -3,12 +3,15 @@
 Normalised accuracy (merged body + each task's own head, divided by the individually fine-tuned
 model's accuracy) per task and on average, with the literature's ordering checked:
 TIES and the learned methods above task arithmetic, task arithmetic above averaging.
+The fusers (fusion at the output: ensembles of the experts' outputs and Dynamic Logits Fusion) are
+reported beside them as the upper bound that keeps every expert, with the models and parameters kept.
 Each suite runs in its own process with one torch thread (two processes at a time on two cores);
 the suites are built first if not cached (fine-tuning time is in the table).
 
     python benchmarks/merging.py                   # everything (~20 min on 2 cores)
     python benchmarks/merging.py --suites digits-merge
     python benchmarks/merging.py --render          # re-render merging.md/.png from merging.json
+    python benchmarks/merging.py --suites digits-merge --methods dlf,prob-ensemble   # rerun some methods only
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ SUITES: dict[str, dict[str, Any]] = {
 }
 METHODS = ["average", "task-arithmetic", "ties", "dare", "breadcrumbs", "fisher", "adamerging", "atlas", "twin-merging"]
 LEARNED = ("adamerging", "atlas", "twin-merging")
+FUSION = ["prob-ensemble", "logit-ensemble", "dlf"]  # keep every expert: reported apart, as the upper bound
 
 NOTES = """\
 The literature's ordering (learned methods and TIES > task arithmetic > averaging; Ilharco et al. 2023,
@@ -40,13 +44,24 @@ Yadav et al. 2023, Yang et al. 2024) holds only partly at this scale, and the te
 (text: 129 samples per task, so one sample is 0.8 points and most gaps between methods are within noise).
 
 * digits-merge (3 seeds): every method lands between the base (0.751) and the fine-tuned models.
-  Averaging (0.876) equals tuned task arithmetic (0.875) and TIES is below both (0.854): the MLP's task
+  Averaging (0.876) equals tuned task arithmetic (0.877) and TIES is below both (0.855): the MLP's task
   vectors are dense, with six tasks the tuned λ (0.1) makes task arithmetic nearly the uniform average
   (1/6), and trimming 80% of each tensor (TIES, density = 0.2) removes much of what each task learned.
-  aTLAS (0.904, few labelled shots) and Twin-Merging (0.935, which routes each input to its task's
-  exclusive part: not a static merge) are best; AdaMerging (0.706, below the base) fails: minimising
+  aTLAS (0.905, few labelled shots) and Twin-Merging (0.943, which routes each input to its task's
+  exclusive part: not a static merge) are best; AdaMerging (0.694, below the base) fails: minimising
   the entropy of heads trained with their fine-tuned bodies rewards confident wrong predictions on the
-  mirror task (0.43).
+  mirror task (0.42).
+* Fusion at the output (digits-merge; the other suites have not been rerun with the fusers): keeping all
+  six experts (6 models, 5.2x the parameters of one merged model; DLF also keeps the base, 6.0x) buys
+  little here. The output ensembles
+  (mean of probabilities 0.892, of logits 0.888) beat every static merge (task arithmetic 0.877) but not
+  aTLAS (0.905) or Twin-Merging (0.943): no fuser is told which expert owns the task, so every input is
+  also scored by five bodies through a head fine-tuned with another body. Dynamic Logits Fusion (0.756)
+  stays at the base's level (0.751): its rule (Fan et al. 2024, Eq. 3 and its multi-expert form) puts the
+  fused distribution's KL from the base at the centroid of the experts' KLs, which fixes how far to move
+  from the base but not towards which expert, and the one-expert-per-step search gives the task's own
+  expert a mean weight of only 0.08-0.16 (of about 1.1 in total). The paper targets a different setting:
+  a larger receiving model and a generation vocabulary that every expert shares.
 * text-merge (full fine-tuning): TIES (0.969) and the learned methods beat tuned task arithmetic (0.935),
   but averaging (0.945) also beats task arithmetic: the λ chosen on 64 validation samples per task
   (λ = 1) over-weights wordnet-pos at the expense of tweet-sentiment.
@@ -65,15 +80,15 @@ method, may limit TIES there.
 """
 
 
-def run_suite(name: str, out: Path) -> dict[str, Any]:
-    """One suite in a fresh process (threads=1): build/load, run every method, return merge-bench's payload."""
+def run_suite(name: str, out: Path, methods: list[str]) -> dict[str, Any]:
+    """One suite in a fresh process (threads=1): build/load, run the methods, return merge-bench's payload."""
     cfg = SUITES[name]
     code = (
         "import json, sys, time, torch; torch.set_num_threads(1)\n"
         "from polytask.merging import BenchConfig, load_merge_suite, run_bench\n"
         f"t = time.perf_counter(); s = load_merge_suite({name!r}, progress=False, **{cfg['options']!r})\n"
         "load = time.perf_counter() - t; t = time.perf_counter()\n"
-        f"p = run_bench(BenchConfig({name!r}, {METHODS!r}, {cfg['seeds']}, suite_options={cfg['options']!r}), progress=False)\n"
+        f"p = run_bench(BenchConfig({name!r}, {methods!r}, {cfg['seeds']}, suite_options={cfg['options']!r}), progress=False)\n"
         "p['seconds'] = {'build_or_load': round(load, 1), 'merge_and_eval': round(time.perf_counter() - t, 1)}\n"
         "p['build'] = {k: s.meta[k] for k in ('build_seconds', 'merged_parameters', 'merged_tensors', 'samples', 'info', 'finetune')}\n"
         f"open({str(out)!r}, 'w').write(json.dumps(p))\n"
@@ -127,9 +142,11 @@ def render(payload: dict[str, Any]) -> None:
                 {"method": "base, λ=0", **{t: res["base"][t]["accuracy"] / res["finetuned"][t]["accuracy"] for t in tasks},
                  "average": sum(res["base"][t]["accuracy"] / res["finetuned"][t]["accuracy"] for t in tasks) / len(tasks)}]
         for r in res["summary"]:
-            rows.append({"method": r["method"], **{t: r[t] for t in tasks},
-                         "average": f"{r['average']:.4f}" + (f" ± {r['std']:.4f}" if r["seeds"] > 1 else "")})
+            if r["method"] not in FUSION:
+                rows.append({"method": r["method"], **{t: r[t] for t in tasks},
+                             "average": f"{r['average']:.4f}" + (f" ± {r['std']:.4f}" if r["seeds"] > 1 else "")})
         lines += [markdown_table(rows, ["method", *tasks, "average"]), ""]
+        lines += fusion_table(res, tasks)
         checks = ordering(res["summary"])
         res["ordering"] = checks
         lines += ["Ordering: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()) + ".", ""]
@@ -139,6 +156,33 @@ def render(payload: dict[str, Any]) -> None:
     write_json(RESULTS / "merging.json", payload)
     write_text(RESULTS / "merging.md", "\n".join(lines))
     _plot(payload, atomic_path)
+
+
+def fusion_table(res: dict[str, Any], tasks: list[str]) -> list[str]:
+    """The fusers' rows: normalised accuracy, and what they keep next to one merged model."""
+    kept = {r["method"]: r for r in res["runs"] if r.get("family") == "fusion"}
+    rows = [{"method": r["method"], **{t: r[t] for t in tasks}, "average": f"{r['average']:.4f}",
+             "average accuracy": f"{r['average_accuracy']:.4f}", "models kept": kept[r["method"]]["models_kept"],
+             "parameters kept": f"{kept[r['method']]['parameters_kept']:,}",
+             "inference s": kept[r["method"]]["inference_seconds"]}
+            for r in res["summary"] if r["method"] in kept]
+    if not rows:
+        return []
+    merged = res["build"]["merged_parameters"]
+    return ["Fusion at the output, the upper bound in memory that keeps every expert (normalised accuracy; a "
+            f"merged model keeps 1 model; each fine-tuned model adds {merged:,} parameters; inference s: every "
+            "test set, all models run; one seed's run, fusers are deterministic):", "",
+            markdown_table(rows, ["method", *tasks, "average", "average accuracy", "models kept", "parameters kept",
+                                  "inference s"]), ""]
+
+
+def merge_methods(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` (a run of some methods) with the rows and runs of the other methods kept from ``previous``."""
+    if "error" in new or "error" in previous or not previous:
+        return new
+    redone = set(new["methods"])
+    return {**new, "methods": [m for m in previous["methods"] if m not in redone] + new["methods"],
+            **{k: [r for r in previous[k] if r["method"] not in redone] + new[k] for k in ("summary", "runs")}}
 
 
 def _plot(payload: dict[str, Any], atomic_path: Any) -> None:
@@ -173,6 +217,7 @@ def main() -> None:
     parser.add_argument("--suites", default=",".join(SUITES))
     parser.add_argument("--render", action="store_true", help="only re-render merging.md/.png from merging.json")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--methods", default=None, help="comma-separated methods to (re)run; the others' rows are kept")
     args = parser.parse_args()
     if args.render:
         render(json.loads((RESULTS / "merging.json").read_text()))
@@ -182,11 +227,13 @@ def main() -> None:
     tmp = RESULTS / ".merging-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     order = sorted(names, key=lambda n: n.startswith("digits"))  # long text suites first
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else METHODS + FUSION
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = dict(zip(order, pool.map(lambda n: run_suite(n, tmp / f"{n}.json"), order)))
+        results = dict(zip(order, pool.map(lambda n: run_suite(n, tmp / f"{n}.json", methods), order)))
     previous = json.loads((RESULTS / "merging.json").read_text()) if (RESULTS / "merging.json").exists() else {}
-    suites = {**previous.get("suites", {}), **results}
-    render({"env": env, "methods": METHODS, "suites": {n: suites[n] for n in SUITES if n in suites}})
+    suites = {**previous.get("suites", {}),
+              **{n: merge_methods(previous.get("suites", {}).get(n, {}), r) for n, r in results.items()}}
+    render({"env": env, "methods": METHODS + FUSION, "suites": {n: suites[n] for n in SUITES if n in suites}})
 
 
 if __name__ == "__main__":

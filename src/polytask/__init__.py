@@ -6,7 +6,7 @@ from typing import Any
 
 from polytask.joint import RunConfig, RunResult, evaluate_run, load_run, run, train
 from polytask.errors import PolytaskError
-from polytask.registry import ARCHITECTURES, BACKBONES, MERGERS, SCENARIOS, STRATEGIES, SUITES, WEIGHTINGS
+from polytask.registry import ARCHITECTURES, BACKBONES, FUSERS, MERGERS, SCENARIOS, STRATEGIES, SUITES, WEIGHTINGS
 from polytask.tasks import InputSpec, MultiTaskData, Task, TaskSuite
 from polytask.trainer import Hook, TrainConfig, Trainer
 from polytask.weighting import Weighting
@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ARCHITECTURES", "BACKBONES", "CompareConfig", "compare", "MERGERS", "SCENARIOS", "STRATEGIES", "SUITES", "WEIGHTINGS",
+    "ARCHITECTURES", "BACKBONES", "CompareConfig", "compare", "FUSERS", "MERGERS", "SCENARIOS", "STRATEGIES", "SUITES", "WEIGHTINGS",
     "Hook", "InputSpec", "MultiTaskData", "PolytaskError", "RunConfig", "RunResult", "Task", "TaskSuite",
     "TrainConfig", "Trainer", "Weighting", "evaluate_run", "load_run", "run", "train",
 ]

@@ -171,6 +171,7 @@ STRATEGIES: Registry[Any] = Registry("strategy", "polytask.continual")
 SCENARIOS: Registry[Any] = Registry("scenario", "polytask.continual")
 MERGERS: Registry[Any] = Registry("merger", "polytask.merging")
 MERGE_SUITES: Registry[Any] = Registry("merge suite", "polytask.merging.suites")
+FUSERS: Registry[Any] = Registry("fuser", "polytask.merging.fusion")  # fusion at the output (keeps every expert)
 
 FAMILIES: dict[str, Registry[Any]] = {
     "suite": SUITES,
@@ -181,4 +182,5 @@ FAMILIES: dict[str, Registry[Any]] = {
     "scenario": SCENARIOS,
     "merger": MERGERS,
     "merge-suite": MERGE_SUITES,
+    "fuser": FUSERS,
 }

@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 ALIASES = {"architecture": "arch", "suites": "suite", "mergers": "merger", "strategies": "strategy",
-           "scenarios": "scenario", "weightings": "weighting", "backbones": "backbone", "merge-suites": "merge-suite"}
+           "scenarios": "scenario", "weightings": "weighting", "backbones": "backbone", "merge-suites": "merge-suite",
+           "fusers": "fuser"}
 
 
 def routes(family: str, name: str) -> str:
@@ -25,7 +26,7 @@ def routes(family: str, name: str) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("list")
     def list_cmd(family: Optional[str] = typer.Argument(None, help="suite, merge-suite, arch, backbone, weighting, "
-                                                                  "strategy, scenario or merger")) -> None:
+                                                                  "strategy, scenario, merger or fuser")) -> None:
         """List every registered suite, architecture, weighting, strategy and merger."""
         from rich.markup import escape
         from rich.table import Table

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         suite: str = typer.Option("digits-merge", help="merge suite (polytask list merge-suite): digits-merge, "
                                                        "vision-merge, text-merge, text-merge-lora"),
         methods: str = typer.Option("average,task-arithmetic,ties,dare,breadcrumbs",
-                                    help="comma-separated mergers (polytask list merger)"),
+                                    help="comma-separated mergers or fusers (polytask list merger, polytask list fuser)"),
         seeds: int = typer.Option(1, min=1, help="number of seeds (0..K-1) for randomised mergers and data draws"),
         out: Optional[Path] = typer.Option(None, help="directory for metrics.json, results.csv, normalized_accuracy.png"),
         option: Optional[list[str]] = typer.Option(None, help="merger option METHOD.key=value or key=value (repeatable)"),

@@ -14,6 +14,8 @@ Costs count what each route does from the shared pretrained start θ_0:
   buffer); one model stored.
 * merge: the T fine-tuning runs of ``individual`` plus the merge itself (λ tuned on validation
   data where the method has a grid); one body stored.
+* fusion (``merge:<fuser>``, e.g. ``merge:dlf``): the T fine-tuning runs; every fine-tuned body (and
+  the base, for a rule that reads it) stored and run on every input, their outputs fused.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from polytask.comparison.suite import ComparisonSuite
 from polytask.continual import ContinualConfig, Scenario, run_continual
 from polytask.merging import evaluate_merger
-from polytask.registry import ARCHITECTURES, MERGERS
+from polytask.registry import ARCHITECTURES, FUSERS, MERGERS
 from polytask.trainer import TrainConfig, Trainer, evaluate_model, seed_everything
 
 REFERENCES = ("individual", "probe")
@@ -145,9 +147,15 @@ def _finetune_cost(suite: ComparisonSuite) -> tuple[float, int]:
 
 
 def merge_cell(suite: ComparisonSuite, method: str, seed: int) -> dict[str, Any]:
-    """A merger over the cached fine-tuned bodies (each task keeps its own fine-tuned head)."""
+    """A merger over the cached fine-tuned bodies (each task keeps its own fine-tuned head), or a fuser
+    that keeps them all and fuses their outputs."""
     run = evaluate_merger(suite.merge, method, seed)
     seconds, steps = _finetune_cost(suite)
+    if method in FUSERS:
+        return {"accuracy": {t: run["test"][t]["accuracy"] for t in suite.task_names}, "train_seconds": seconds,
+                "gradient_steps": steps, "merge_seconds": 0.0, "data_access": "none",
+                "stored_parameters": run["parameters_kept"], "inference_parameters": run["parameters_kept"],
+                "inference_seconds": float(run["inference_seconds"])}
     body, _ = _body_sizes(suite)
     needs = MERGERS.get(method).needs
     access = ", ".join([MERGE_ACCESS[n] for n in sorted(needs)] + (["val split for λ"] if run.get("tuned") else [])) \

@@ -25,7 +25,7 @@ from polytask.comparison.suite import COMPARE_SUITES, ComparisonSuite, compariso
 from polytask.config import RouteConfig
 from polytask.errors import PolytaskError
 from polytask.io import write_json
-from polytask.registry import ARCHITECTURES, MERGERS, STRATEGIES, WEIGHTINGS
+from polytask.registry import ARCHITECTURES, FUSERS, MERGERS, STRATEGIES, WEIGHTINGS
 
 ROUTES = ("joint", "continual", "merge")
 #: what every trained cell starts from (part of each cell's key: a cell run from another start is redone)
@@ -102,7 +102,7 @@ def _check_method(route: str, method: str) -> None:
         WEIGHTINGS.get(weighting)
     elif route == "continual":
         STRATEGIES.get(method)
-    else:
+    elif method not in FUSERS:  # the merge route also takes a fuser (fusion at the output)
         MERGERS.get(method)
 
 

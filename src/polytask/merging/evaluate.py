@@ -15,6 +15,8 @@ The harness knows no merger by name; it reads what the merger class declares:
 
 A merger returns a state dict, or a model that routes each input (Twin-Merging: ``route`` and
 ``params_for``); on text such a model runs one input at a time (the HF model cannot be vmapped).
+A fuser (:mod:`polytask.merging.fusion`, registry ``FUSERS``) is scored the same way by
+:func:`evaluate_fuser`: it keeps every expert, so its run also records the models and parameters kept.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from torch.func import functional_call
 
 from polytask.errors import PolytaskError
 from polytask.merging._data import merge_data
+from polytask.merging.fusion import fuse_suite, kept_parameters
 from polytask.merging.suites import MergeSuite
-from polytask.registry import MERGERS, check_options
+from polytask.registry import FUSERS, MERGERS, check_options
 
 
 def check_methods(methods: list[str]) -> None:
-    valid = MERGERS.names()
+    valid = MERGERS.names() + FUSERS.names()
     bad = [m for m in methods if m not in valid]
     if bad:
         raise PolytaskError(f"unknown merging method {bad[0]!r}; choose among: {', '.join(valid)}")
@@ -89,9 +92,12 @@ def tune_lambda(suite: MergeSuite, method: str, seed: int, options: dict[str, An
 
 def evaluate_merger(suite: MergeSuite, method: str, seed: int = 0, options: dict[str, Any] | None = None,
                     tune: bool = True) -> dict[str, Any]:
-    """Merge with ``method`` and return the run's metrics (the layout of ``metrics.json``)."""
+    """Merge with ``method`` and return the run's metrics (the layout of ``metrics.json``); a fuser's name
+    runs :func:`evaluate_fuser`."""
     options = dict(options or {})
     check_methods([method])
+    if method in FUSERS:
+        return evaluate_fuser(suite, method, seed, options)
     start = time.perf_counter()
     tuned = None
     if tune and MERGERS.get(method).lambda_grid and "lam" not in options:
@@ -103,6 +109,33 @@ def evaluate_merger(suite: MergeSuite, method: str, seed: int = 0, options: dict
     merge_seconds = time.perf_counter() - t0
     test = {t: {"accuracy": accuracy(suite, merged, t)} for t in suite.tasks}
     return run_metrics(suite, method, seed, test, used, tuned=tuned, merge_seconds=merge_seconds,
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_fuser(suite: MergeSuite, method: str, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fuse the outputs of the base and every fine-tuned model with ``method`` (deterministic: ``seed`` is only
+    recorded); besides the accuracies, the models and parameters kept, the seconds to predict every test
+    set, and each expert's mean weight per task."""
+    start = time.perf_counter()
+    fused = fuse_suite(suite, method, **(options or {}))
+    fuser = next(iter(fused.values())).fuser
+    t0 = time.perf_counter()
+    test, weights = {}, {}
+    for t in suite.tasks:
+        x, y = suite.data[t]["test"]
+        correct, total = 0, torch.zeros(len(suite.tasks))
+        for i in range(0, len(y), suite.spec.eval_batch):
+            base, experts = fused[t].logits(x[i:i + suite.spec.eval_batch])
+            w = fuser.weights(base, experts)
+            correct += int((fuser.combine(base, experts, w).argmax(-1) == y[i:i + suite.spec.eval_batch]).sum())
+            total += w.sum(0)
+        test[t] = {"accuracy": correct / len(y)}
+        weights[t] = {e: round(float(v) / len(y), 4) for e, v in zip(suite.tasks, total)}
+    inference = time.perf_counter() - t0
+    models, parameters = kept_parameters(suite, fuser)
+    return run_metrics(suite, method, seed, test, dict(options or {}), family="fusion", models_kept=models,
+                       parameters_kept=parameters, expert_weights=weights, inference_seconds=inference,
                        seconds=time.perf_counter() - start)
 
 
