@@ -4,11 +4,13 @@
 (cached). Mean ± std over seeds; one thread.
 
     python benchmarks/weighting_quality.py [--seeds 3] [--methods ew,uw,...] [--suites digits-multi,...]
+    python benchmarks/weighting_quality.py --methods nash-mtl,upgrad --update   # rerun these, keep the other rows
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -26,9 +28,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(WEIGHTINGS.names()))
     parser.add_argument("--suites", default=",".join(SETTINGS))
+    parser.add_argument("--update", action="store_true", help="keep the stored rows of methods not rerun")
     args = parser.parse_args()
     env = setup(threads=1)
     runs, rows = [], []
+    if args.update:
+        stored = json.loads((RESULTS / "weighting_quality.json").read_text())
+        again = set(args.methods.split(","))
+        runs = [r for r in stored["runs"] if r["method"] not in again]
+        rows = [r for r in stored["rows"] if r["method"] not in again]
     for suite in args.suites.split(","):
         s = SETTINGS[suite]
         for method in args.methods.split(","):
@@ -51,6 +59,8 @@ def main() -> None:
             row["s/run"] = round(statistics.mean(r["seconds"] for r in per_seed), 1)
             rows.append(row)
             print(row, flush=True)
+    rows.sort(key=lambda r: (list(SETTINGS).index(r["suite"]), r["method"]))
+    runs.sort(key=lambda r: (list(SETTINGS).index(r["suite"]), r["method"], r["seed"]))
     md = ["# Weighting methods: quality\n",
           f"threads={env['threads']}; {args.seeds} seeds; mean ± std; Δm in % vs single-task baselines (higher is better).\n"]
     for suite in args.suites.split(","):
@@ -59,7 +69,8 @@ def main() -> None:
         md.append(markdown_table([{k: v for k, v in r.items() if k != "suite"} for r in rows if r["suite"] == suite]))
     plot(runs, args.suites.split(","))
     md.append("\n![delta m](weighting_quality.png)\n")
-    write_results("weighting_quality", {"env": env, "args": vars(args), "rows": rows, "runs": runs}, "".join(md))
+    stored_args = {**vars(args), "methods": ",".join(dict.fromkeys(r["method"] for r in rows))}
+    write_results("weighting_quality", {"env": env, "args": stored_args, "rows": rows, "runs": runs}, "".join(md))
     print("".join(md))
 
 
