@@ -2,7 +2,7 @@
 
 Same hard-sharing MLP (polytask's ``shared-bottom``: dense input 64, shared bottom 256-256,
 one 32-unit tower per task; 82k shared parameters), same batches (128 samples), same per-task
-MSE losses, SGD, one thread, for T = 2, 3, 4, 8 regression tasks (3: LibMTL 1.1.5's CAGrad runs
+MSE losses, SGD, one thread, for T = 2, 3, 4, 8, 16 regression tasks (3: LibMTL 1.1.5's CAGrad runs
 only there, its objective is hard-coded to 3 tasks). Every configuration is its own
 copy of the same initial model and trains for ``--steps`` steps per round; rounds interleave
 all configurations of one T, and we report the median ms/step over the rounds (and its range).
@@ -10,12 +10,16 @@ all configurations of one T, and we report the median ms/step over the rounds (a
 - ``polytask``: ``WEIGHTINGS.create(name)`` + ``GradContext(model, "params")`` (the Trainer's path);
   ``ew`` is the baseline every ratio "/ ew" divides by.
 - ``libmtl``: LibMTL's own weighting classes (EW, PCGrad, MGDA with ``mgda_gn="none"``,
-  CAGrad with ``calpha=0.4, rescale=1``) mixed into a minimal host that supplies what LibMTL's
+  CAGrad with ``calpha=0.4, rescale=1``, IMTL, GradVac with ``beta=0.5``) mixed into a minimal host that supplies what LibMTL's
   model class would (``task_num``, ``device``, ``rep_grad=False``, ``get_share_params``,
   ``zero_grad_share_params``). The PyPI release 1.1.5 has no UPGrad.
 - ``torchjd``: ``autojac.mtl_backward`` on the shared features, then ``jac_to_grad`` with the
-  aggregator (UPGrad, MGDA, DualProj, ConFIG, PCGrad, CAGrad(c=0.4)); the autogram engine is
-  not timed.
+  aggregator (UPGrad, MGDA, DualProj, ConFIG, PCGrad, CAGrad(c=0.4), IMTLG, GradVac(beta=0.5),
+  AlignedMTL, FairGrad(alpha=1));
+- ``torchjd-autogram``: TorchJD's Gramian path, ``autogram.Engine`` on the shared bottom, the
+  matching ``*Weighting`` on its Gramian, and one backward of the weighted losses.
+
+A plot of ms/step against T per method and library goes to ``results/weighting_peers.png``.
 
 The methods do the same work up to each library's conventions (e.g. LibMTL gives the task
 heads sum_t grad L_t under MGDA, polytask alpha-weighted ones; TorchJD's UPGrad regularises its
@@ -24,7 +28,7 @@ project's .venv):
 
     python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install "torch==2.13.*" numpy scipy
     /tmp/bench-venv/bin/pip install --no-deps libmtl==1.1.5
-    /tmp/bench-venv/bin/pip install torchjd qpsolvers quadprog
+    /tmp/bench-venv/bin/pip install "torch==2.13.*" torchjd qpsolvers quadprog cvxpy clarabel
     /tmp/bench-venv/bin/pip install --no-deps -e . && /tmp/bench-venv/bin/pip install pyyaml safetensors \
         torchmetrics typer rich matplotlib scikit-learn pandas
     OMP_NUM_THREADS=1 /tmp/bench-venv/bin/python benchmarks/weighting_peers.py [--repeats 7] [--steps 20]
@@ -46,7 +50,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from _common import markdown_table, setup, write_results
+from _common import RESULTS, markdown_table, setup, write_results
 import polytask.weighting  # noqa: F401
 from polytask.registry import ARCHITECTURES, WEIGHTINGS
 from polytask.tasks import InputSpec, Task
@@ -54,10 +58,13 @@ from polytask.weighting.base import GradContext
 
 DIM, BATCH, BOTTOM, TOWER = 64, 128, [256, 256], [32]
 POLYTASK = {"ew": {}, "pcgrad": {}, "mgda": {"mode": "params", "normalization": "none"},
-            "cagrad": {"c": 0.4}, "upgrad": {}, "dualproj": {}, "config": {}}
+            "cagrad": {"c": 0.4}, "imtl": {"mode": "params"}, "gradvac": {"beta": 0.5}, "aligned-mtl": {},
+            "fairgrad": {}, "nash-mtl": {}, "upgrad": {}, "dualproj": {}, "config": {}}
 LIBMTL = {"ew": ("EW", {}), "pcgrad": ("PCGrad", {}), "mgda": ("MGDA", {"mgda_gn": "none"}),
-          "cagrad": ("CAGrad", {"calpha": 0.4, "rescale": 1})}
-TORCHJD = ["upgrad", "mgda", "dualproj", "config", "pcgrad", "cagrad"]
+          "cagrad": ("CAGrad", {"calpha": 0.4, "rescale": 1}), "imtl": ("IMTL", {}),
+          "gradvac": ("GradVac", {"beta": 0.5})}
+TORCHJD = ["upgrad", "mgda", "dualproj", "config", "pcgrad", "cagrad", "imtl", "gradvac", "aligned-mtl", "fairgrad"]
+AUTOGRAM = ["upgrad", "mgda", "dualproj", "pcgrad", "cagrad", "imtl", "gradvac", "aligned-mtl", "fairgrad"]
 
 Step = Callable[[], None]
 
@@ -135,7 +142,9 @@ def torchjd_step(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Te
     from torchjd.autojac import jac_to_grad, mtl_backward
 
     aggregator = {"upgrad": agg.UPGrad, "mgda": agg.MGDA, "dualproj": agg.DualProj, "config": agg.ConFIG,
-                  "pcgrad": agg.PCGrad, "cagrad": lambda: agg.CAGrad(c=0.4)}[name]()
+                  "pcgrad": agg.PCGrad, "cagrad": lambda: agg.CAGrad(c=0.4), "imtl": agg.IMTLG,
+                  "gradvac": lambda: agg.GradVac(beta=0.5), "aligned-mtl": agg.AlignedMTL,
+                  "fairgrad": lambda: agg.FairGrad(alpha=1.0)}[name]()
     shared = list(model.shared_parameters())
     heads = [list(model.heads[f"t{i}"].parameters()) for i in range(y.shape[1])]
     features: list[torch.Tensor] = []
@@ -152,24 +161,43 @@ def torchjd_step(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Te
     return step
 
 
+def autogram_step(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """TorchJD's Gramian path: ``autogram.Engine`` on the shared bottom, a Gramian weighting, then one
+    backward of the weighted losses (every parameter gets sum_t w_t grad L_t)."""
+    from torchjd import aggregation as agg
+    from torchjd.autogram import Engine
+
+    weighting = {"upgrad": agg.UPGradWeighting, "mgda": agg.MGDAWeighting, "dualproj": agg.DualProjWeighting,
+                 "pcgrad": agg.PCGradWeighting, "cagrad": lambda: agg.CAGradWeighting(c=0.4),
+                 "imtl": agg.IMTLGWeighting, "gradvac": lambda: agg.GradVacWeighting(beta=0.5),
+                 "aligned-mtl": agg.AlignedMTLWeighting, "fairgrad": lambda: agg.FairGradWeighting(alpha=1.0)}[name]()
+    engine = Engine(model.bottom, batch_dim=None)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        losses = torch.stack(task_losses(model(x), y))
+        losses.backward(weighting(engine.compute_gramian(losses)))
+        opt.step()
+    return step
+
+
 def run(t: int, repeats: int, steps: int) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(t)
     x, y = torch.randn(BATCH, DIM, generator=gen), torch.randn(BATCH, t, generator=gen)
     base = make_model(t)
+    makers = {"polytask": (polytask_step, POLYTASK), "libmtl": (libmtl_step, LIBMTL),
+              "torchjd": (torchjd_step, TORCHJD), "torchjd-autogram": (autogram_step, AUTOGRAM)}
     configs: dict[tuple[str, str], Step] = {}
-    for name in POLYTASK:
-        configs["polytask", name] = polytask_step(copy.deepcopy(base), name, x, y)
-    for name in LIBMTL:
-        configs["libmtl", name] = libmtl_step(copy.deepcopy(base), name, x, y)
-    for name in TORCHJD:
-        configs["torchjd", name] = torchjd_step(copy.deepcopy(base), name, x, y)
     failed: dict[tuple[str, str], str] = {}
-    for key, step in list(configs.items()):
-        try:
-            step()
-        except Exception as err:  # a peer that cannot run this case is reported, not timed
-            failed[key] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            del configs[key]
+    for lib, (make, names) in makers.items():
+        for name in names:
+            try:
+                step = make(copy.deepcopy(base), name, x, y)
+                step()
+                configs[lib, name] = step
+            except Exception as err:  # a peer that cannot run this case is reported, not timed
+                failed[lib, name] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
     times: dict[tuple[str, str], list[float]] = {k: [] for k in configs}
     for round_ in range(repeats + 1):   # round 0 warms up
         for key, step in configs.items():
@@ -189,11 +217,43 @@ def run(t: int, repeats: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Median ms/step against T, one panel per method, one line per library."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from polytask.io import atomic_path
+
+    timed = [r for r in rows if "ms_per_step" in r]
+    methods = [m for m in POLYTASK if m != "ew"]
+    fig, axes = plt.subplots(3, 4, figsize=(16, 10), sharex=True)
+    axes.flat[-1].axis("off")
+    for ax, method in zip(axes.flat, methods):
+        for lib, color in (("polytask", "tab:blue"), ("libmtl", "tab:orange"), ("torchjd", "tab:green"),
+                           ("torchjd-autogram", "tab:red")):
+            pts = sorted((r["T"], r["ms_per_step"]) for r in timed if r["library"] == lib and r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=color, label=lib)
+        ew = sorted((r["T"], r["ms_per_step"]) for r in timed if r["library"] == "polytask" and r["method"] == "ew")
+        ax.plot(*zip(*ew), color="gray", linestyle=":", label="polytask ew")
+        ax.set_title(method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=8)
+    fig.supxlabel("tasks T")
+    fig.supylabel("ms per step (median)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 4, 8])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3, 4, 8, 16])
     args = parser.parse_args()
     env = {**setup(1), "libmtl": version("LibMTL"), "torchjd": version("torchjd"),
            "loadavg_start": os.getloadavg()[0]}
@@ -209,6 +269,8 @@ def main() -> None:
           f"{env['loadavg_start']:.2f} at start, {env['loadavg_end']:.2f} at end (a shared machine).\n\n"
           + markdown_table(shown, ["T", "library", "method", "ms_per_step", "min_ms", "max_ms", "per_polytask_ew",
                                    "peer_over_polytask", "error"]))
+    plot(rows, str(RESULTS / "weighting_peers.png"))
+    md += "\n![ms/step against T](weighting_peers.png)\n"
     write_results("weighting_peers", {"env": env, "args": vars(args), "rows": rows}, md)
     print(md)
 

@@ -4,8 +4,9 @@ Same MMoE (8 experts, 4 regression tasks, dense input), same batches, SGD, one t
 a bare PyTorch loop (sum of losses, backward, step), ``ew``, and every weighting (both
 gradient sources where a method has both). Gradient methods run three ways:
 
-- ``polytask``: the default ``GradContext`` (on CPU one ``autograd.grad`` pass per task over
-  shared and task-specific parameters, so no further backward pass is needed);
+- ``polytask``: the default ``GradContext`` (on CPU one ``autograd.grad`` pass per task from that
+  task's own loss, so no further backward pass is needed; methods whose weights depend on the Gram
+  matrix alone take it from ``GradContext.gramian``, ``weighting/_gramian.py``, which never forms G);
 - ``batched``: one batched vector-Jacobian product for all T tasks (``is_grads_batched``);
 - ``libmtl``: LibMTL's recipe re-created here: per task ``loss.backward(retain_graph=True)``,
   copy every shared parameter's ``.grad`` into a row of G and zero it (task-specific

@@ -16,13 +16,15 @@ torch.set_num_threads(1)
 out, weighting = sys.argv[1], sys.argv[2]
 options = {"mode": sys.argv[3]} if len(sys.argv) > 3 and sys.argv[3] != "-" else {}
 sampling = sys.argv[4] if len(sys.argv) > 4 else "proportional"
+extra = dict(kv.split("=") for kv in sys.argv[5].split(",")) if len(sys.argv) > 5 else {}  # e.g. accumulate=2
+extra = {k: int(v) if v.isdigit() else v for k, v in extra.items()}
 suite = SUITES.create("synthetic-mmoe", num_samples=400, dim=8, seed=0)
 train = suite.train
 if sampling != "proportional":  # one dataset per task: each task labelled on its own copy of the inputs
     train = concat_task_data({t.name: suite.train for t in suite.tasks})
 seed_everything(0)
 model = ARCHITECTURES.create("mmoe", suite.tasks, suite.input_spec, num_experts=3)
-cfg = TrainConfig(epochs=2, batch_size=40, progress=False, sampling=sampling)
+cfg = TrainConfig(epochs=2, batch_size=40, progress=False, sampling=sampling, **extra)
 trainer = Trainer(model, suite.tasks, weighting, cfg, weighting_options=options)
 trainer.fit(train)
 world = int(__import__("os").environ.get("WORLD_SIZE", "1"))

@@ -41,9 +41,15 @@ MIXED = {"cross-stitch": ("columns.",)}
 PARTIAL_CUT = {"dtrn", *TOKENS_ONLY}
 
 
+# text to text with every weight shared (no task-owned part): its contract is checked in test_suites_text_kinds.py
+SEQ2SEQ_ONLY = {"seq2seq-lm"}
+
+
 def _cases() -> list:
     cases = []
     for name in ARCHITECTURES.names():
+        if name in SEQ2SEQ_ONLY:
+            continue
         specs = [(TOKENS, "tokens")] if name in TOKENS_ONLY else (
             ([] if name in RECSYS_ONLY else [(DENSE, "dense")]) + [(RECSYS, "recsys")])
         for spec, kind in specs:

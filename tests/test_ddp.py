@@ -26,7 +26,8 @@ def _run(args: list[str]) -> None:
 
 
 @pytest.mark.parametrize("weighting", [["ew"], ["uw"], ["pcgrad", "params"], ["cagrad", "params"],
-                                       ["pcgrad", "params", "per-task"]])
+                                       ["pcgrad", "params", "per-task"],
+                                       ["ew", "-", "proportional", "accumulate=2,scheduler=cosine"]])
 def test_ddp_two_processes_match_one(tmp_path, weighting):
     """Gradient methods in params mode all-reduce the per-task gradient matrix before combining it."""
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"

@@ -61,8 +61,14 @@ def write_yaml(path: str | os.PathLike[str], obj: Any) -> None:
 
 def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> None:
-    """Save contiguous CPU copies of ``tensors`` to ``path`` atomically."""
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Save contiguous CPU copies of ``tensors`` to ``path`` atomically (tied weights, e.g. a T5's
+    shared embeddings, are written once under each of their names)."""
+    flat, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        flat[k] = t.clone() if ptr in seen else t  # safetensors refuses tensors that share memory
+        seen.add(ptr)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 

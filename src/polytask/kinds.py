@@ -15,16 +15,19 @@ sample is ranked within, so its metrics (GAUC, NDCG@k) can group the scores.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-import torchmetrics as tm
 from torch import Tensor
 
 from polytask.errors import PolytaskError
+from polytask.scoring import IGNORE, group_auc  # noqa: F401  (group_auc re-exported from here)
 
-MetricTable = dict[str, Callable[[], tm.Metric]]
+if TYPE_CHECKING:
+    import torchmetrics as tm
+
+MetricTable = dict[str, Callable[[], "tm.Metric"]]
 
 
 class TaskKind(ABC):
@@ -120,6 +123,8 @@ class Binary(_Sigmoid):
     default_metrics = ("auroc", "accuracy")
 
     def metric_table(self, n: int) -> MetricTable:
+        import torchmetrics as tm
+
         return {"auroc": lambda: tm.AUROC(task="binary"), "accuracy": lambda: tm.Accuracy(task="binary"),
                 "f1": lambda: tm.F1Score(task="binary"), "ap": lambda: tm.AveragePrecision(task="binary")}
 
@@ -146,6 +151,8 @@ class Multiclass(TaskKind):
     categorical = True
 
     def metric_table(self, n: int) -> MetricTable:
+        import torchmetrics as tm
+
         return {"accuracy": lambda: tm.Accuracy(task="multiclass", num_classes=n, average="micro"),
                 "f1": lambda: tm.F1Score(task="multiclass", num_classes=n, average="macro"),
                 "auroc": lambda: tm.AUROC(task="multiclass", num_classes=n)}
@@ -186,6 +193,8 @@ class Multilabel(_Sigmoid):
     per_class = True
 
     def metric_table(self, n: int) -> MetricTable:
+        import torchmetrics as tm
+
         return {"auroc": lambda: tm.AUROC(task="multilabel", num_labels=n),
                 "f1": lambda: tm.F1Score(task="multilabel", num_labels=n, average="macro"),
                 "accuracy": lambda: tm.Accuracy(task="multilabel", num_labels=n),
@@ -219,6 +228,8 @@ class Regression(TaskKind):
     default_metrics = ("mse", "mae")
 
     def metric_table(self, n: int) -> MetricTable:
+        import torchmetrics as tm
+
         return {"mse": lambda: tm.MeanSquaredError(), "rmse": lambda: tm.MeanSquaredError(squared=False),
                 "mae": lambda: tm.MeanAbsoluteError(), "r2": lambda: tm.R2Score()}
 
@@ -243,7 +254,6 @@ class Regression(TaskKind):
 
 # ---------------------------------------------------------------- sequence kinds: token and seq2seq
 
-IGNORE = -100  #: label of a position without a target (padding, a missing label, a subword after the first)
 
 
 def _per_sample_ce(output: Tensor, target: Tensor) -> Tensor:
@@ -306,6 +316,8 @@ class Token(_PerPosition):
     default_metrics = ("accuracy", "f1")
 
     def metric_table(self, n: int) -> MetricTable:
+        import torchmetrics as tm
+
         return {"accuracy": lambda: tm.Accuracy(task="multiclass", num_classes=n, average="micro", ignore_index=IGNORE),
                 "f1": lambda: tm.F1Score(task="multiclass", num_classes=n, average="macro", ignore_index=IGNORE)}
 
@@ -319,184 +331,29 @@ class Token(_PerPosition):
         return output.softmax(-1).transpose(1, 2)  # [B, C, L], torchmetrics' multidimensional layout
 
 
-def _real(preds: Tensor, target: Tensor) -> list[tuple[list[int], list[int]]]:
-    """(predicted, target) id lists over each sample's labelled positions."""
-    keep = target != IGNORE
-    p = preds[:, :target.shape[1]]
-    return [(p[i][keep[i]].tolist(), target[i][keep[i]].tolist()) for i in range(len(target))]
-
-
-def _words(ids: list[int]) -> str:
-    return " ".join(map(str, ids))
-
-
-class ExactMatch(tm.Metric):
-    """Share of sequences whose every labelled position is predicted exactly."""
-
-    higher_is_better = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("exact_hits", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("exact_count", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        hit = ((preds[:, :target.shape[1]] == target) | (target == IGNORE)).all(1)
-        self.exact_hits += hit.sum()
-        self.exact_count += len(target)
-
-    def compute(self) -> Tensor:
-        return self.exact_hits / self.exact_count.clamp(min=1)
-
-
-class TokenAccuracy(tm.Metric):
-    """Share of labelled positions predicted exactly."""
-
-    higher_is_better = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("token_hits", torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("token_count", torch.tensor(0.0), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        keep = target != IGNORE
-        self.token_hits += ((preds[:, :target.shape[1]] == target) & keep).sum()
-        self.token_count += keep.sum()
-
-    def compute(self) -> Tensor:
-        return self.token_hits / self.token_count.clamp(min=1)
-
-
-class TokenBLEU(tm.text.BLEUScore):
-    """torchmetrics' corpus BLEU (Papineni et al., ACL 2002) with the token ids as words."""
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        pairs = _real(preds, target)
-        super().update([_words(p) for p, _ in pairs], [[_words(t)] for _, t in pairs])
-
-
-class TokenROUGEL(tm.text.ROUGEScore):
-    """torchmetrics' ROUGE-L F-measure (Lin, 2004; longest common subsequence) with the token ids as words."""
-
-    def __init__(self) -> None:
-        super().__init__(rouge_keys=("rougeL",), tokenizer=str.split)
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        pairs = _real(preds, target)
-        super().update([_words(p) for p, _ in pairs], [_words(t) for _, t in pairs])
-
-    def compute(self) -> Tensor:  # type: ignore[override]
-        return super().compute()["rougeL_fmeasure"]
-
-
 @register
 class Seq2Seq(_PerPosition):
     """Sequence output over a vocabulary of ``num_classes`` tokens: labels [B, L'] target token ids
     (``IGNORE`` after the end); outputs [B, L, V] next-token logits at the target positions (L >= L').
     The loss is each sample's mean cross-entropy over its target tokens. Predictions are the argmax at
-    each target position (teacher forcing, no decoding); metrics: exact match, token accuracy, BLEU-4
-    and ROUGE-L over the target token ids."""
+    each target position: of teacher-forced logits, or of the logits of the model's own decoding where
+    the architecture outputs those at evaluation (``seq2seq-lm``: greedy ``generate``); metrics: exact
+    match, token accuracy, BLEU-4 and ROUGE-L over the target token ids."""
 
     name = "seq2seq"
     default_metrics = ("exact_match", "bleu")
 
     def metric_table(self, n: int) -> MetricTable:
-        return {"exact_match": ExactMatch, "token_accuracy": TokenAccuracy, "bleu": lambda: TokenBLEU(n_gram=4),
-                "rouge_l": TokenROUGEL}
+        import polytask.kind_metrics as km
+
+        return {"exact_match": km.ExactMatch, "token_accuracy": km.TokenAccuracy, "bleu": lambda: km.TokenBLEU(n_gram=4),
+                "rouge_l": km.TokenROUGEL}
 
     def predict(self, output: Tensor) -> Tensor:
         return output.argmax(-1)
 
 
 # ---------------------------------------------------------------- ranking
-
-def group_auc(scores: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
-    """GAUC (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018, Sec. 6.1):
-    the impression-weighted mean of the per-group AUCs,
-
-        GAUC = Σ_g n_g AUC_g / Σ_g n_g,
-
-    over the groups g (users, queries) that have both positive and negative samples; AUC_g is the
-    Mann-Whitney statistic with ties counted one half. NaN if no group has both."""
-    labels = labels > 0.5
-    order = torch.argsort(scores, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]  # by group, then by score
-    g, s, y = groups[order], scores[order], labels[order]
-    _, group_of, group_size = torch.unique_consecutive(g, return_inverse=True, return_counts=True)
-    start = torch.cumsum(group_size, 0) - group_size
-    # average 1-based rank within the group, ties shared: runs of equal (group, score)
-    new_run = torch.ones(len(s), dtype=torch.bool)
-    new_run[1:] = (g[1:] != g[:-1]) | (s[1:] != s[:-1])
-    run = torch.cumsum(new_run, 0) - 1
-    run_first = torch.nonzero(new_run).squeeze(1)
-    run_size = torch.bincount(run)
-    position = run_first[run].double() + (run_size[run].double() - 1) / 2 - start[group_of].double() + 1
-    n_groups = len(group_size)
-    pos = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_of, y.double())
-    neg = group_size.double() - pos
-    rank_sum = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_of, position * y.double())
-    both = (pos > 0) & (neg > 0)
-    auc = (rank_sum[both] - pos[both] * (pos[both] + 1) / 2) / (pos[both] * neg[both])
-    weight = group_size[both].double()
-    return (auc * weight).sum() / weight.sum() if bool(both.any()) else torch.tensor(float("nan"))
-
-
-def _split_ranking(target: Tensor) -> tuple[Tensor, Tensor]:
-    return target[:, 0], target[:, 1].long()
-
-
-class GAUC(tm.Metric):
-    """:func:`group_auc` over all updates (scores, (label, group) targets)."""
-
-    higher_is_better = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        for state in ("gauc_scores", "gauc_labels", "gauc_groups"):
-            self.add_state(state, default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        labels, groups = _split_ranking(target)
-        self.gauc_scores.append(preds.float())
-        self.gauc_labels.append(labels.float())
-        self.gauc_groups.append(groups)
-
-    def compute(self) -> Tensor:
-        cat = tm.utilities.dim_zero_cat
-        return group_auc(cat(self.gauc_scores), cat(self.gauc_labels), cat(self.gauc_groups)).float()
-
-
-class GroupNDCG(tm.retrieval.RetrievalNormalizedDCG):
-    """torchmetrics' NDCG@k (Järvelin & Kekäläinen, 2002) per group, averaged over the groups with a
-    relevant sample; graded relevances allowed."""
-
-    def __init__(self, top_k: int) -> None:
-        super().__init__(top_k=top_k, empty_target_action="skip")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        labels, groups = _split_ranking(target)
-        super().update(preds, labels, indexes=groups)
-
-
-class LogLoss(tm.Metric):
-    """Mean binary cross-entropy of the predicted probabilities against the labels (in [0, 1])."""
-
-    higher_is_better = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("logloss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("logloss_count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        p = preds.double().clamp(1e-7, 1 - 1e-7)
-        self.logloss_sum += F.binary_cross_entropy(p, target[:, 0].double().clamp(0, 1), reduction="sum")
-        self.logloss_count += len(p)
-
-    def compute(self) -> Tensor:
-        return (self.logloss_sum / self.logloss_count.clamp(min=1)).float()
-
 
 @register
 class Ranking(TaskKind):
@@ -508,8 +365,10 @@ class Ranking(TaskKind):
     default_metrics = ("gauc", "ndcg@10", "logloss")
 
     def metric_table(self, n: int) -> MetricTable:
-        return {"gauc": GAUC, "ndcg@5": lambda: GroupNDCG(5), "ndcg@10": lambda: GroupNDCG(10), "logloss": LogLoss,
-                "auroc": _GlobalAUROC}
+        import polytask.kind_metrics as km
+
+        return {"gauc": km.GAUC, "ndcg@5": lambda: km.GroupNDCG(5), "ndcg@10": lambda: km.GroupNDCG(10),
+                "logloss": km.LogLoss, "auroc": km.GlobalAUROC}
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(output.reshape(-1), target[:, 0].float(), reduction="none")
@@ -543,10 +402,3 @@ class Ranking(TaskKind):
             raise PolytaskError("ranking group ids must be whole numbers below 2**24 (they are stored as float32); "
                                 "renumber the groups 0..G-1")
         return y.float(), 1
-
-
-class _GlobalAUROC(tm.classification.BinaryAUROC):
-    """AUROC over all samples, ignoring the groups."""
-
-    def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        super().update(preds, (target[:, 0] > 0.5).long())

@@ -21,8 +21,8 @@ def masked_task_losses(tasks: Sequence[Task], outputs: Mapping[str, Tensor], bat
         if task.name in batch.full:
             losses.append(per_sample.mean())
             continue
-        m = batch.mask[task.name].to(per_sample.dtype)
-        losses.append((per_sample * m).sum() / m.sum().clamp(min=1.0))
+        m = batch.mask[task.name]  # boolean: the product promotes it, the count stays exact
+        losses.append((per_sample * m).sum() / m.sum().clamp(min=1))
     return torch.stack(losses)
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-import torchmetrics
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.kinds import KINDS, TaskKind, get_kind
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 Inputs = Tensor | dict[str, Tensor]
 
@@ -60,6 +62,8 @@ class Task:
         return self.kind_impl.predict(output)
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics  # on first use: it costs seconds to import, and a command that fails early never needs it
+
         kind = self.kind_impl
         return torchmetrics.MetricCollection({m: kind.metric(m, self.num_classes) for m in self.metrics})
 

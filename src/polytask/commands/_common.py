@@ -23,6 +23,9 @@ FLAGS: dict[str, str] = {
     "out=": "--out ",
     "lr=": "--lr ",
     "backbone=": "--backbone ",
+    "device=": "--device ",
+    "optimizer_impl=": "--optimizer-impl ",
+    "accumulate=": "--accumulate ",
 }
 _PARAMETER = re.compile(r"(?<![\w.'\"-])(" + "|".join(map(re.escape, FLAGS)) + ")")
 

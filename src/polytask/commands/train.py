@@ -22,7 +22,16 @@ def register(app: typer.Typer) -> None:
         monitor: Optional[str] = typer.Option(None, help="'loss' or TASK/METRIC for model selection"),
         patience: Optional[int] = typer.Option(None, help="early stopping after this many epochs without gain"),
         threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is fastest for small models)"),
+        device: Optional[str] = typer.Option(None, help="cpu (default), cuda, cuda:N, mps, or auto (cuda > mps > cpu)"),
+        precision: Optional[str] = typer.Option(None, help="fp32 (default), bf16 or fp16 autocast (fp16 with a grad scaler)"),
+        scheduler: Optional[str] = typer.Option(None, help="learning-rate schedule per optimiser step: none, cosine, linear"),
+        warmup_steps: Optional[int] = typer.Option(None, help="linear warm-up over this many optimiser steps"),
+        warmup_fraction: Optional[float] = typer.Option(None, help="... or over this fraction of all optimiser steps"),
+        accumulate: Optional[int] = typer.Option(None, help="micro-batches of --batch-size per optimiser step"),
+        optimizer_impl: Optional[str] = typer.Option(None, help="auto (fused on CUDA), fused, foreach or loop"),
         baseline: Optional[str] = typer.Option(None, help="Δm baselines: auto (train single-task, cached), none, or a JSON file"),
+        main: Optional[str] = typer.Option(None, help="main task: its metric alone drives model selection and Δm "
+                                                      "(the other tasks are auxiliary)"),
         suite_option: Optional[list[str]] = typer.Option(None, help="suite option key=value (repeatable)"),
         arch_option: Optional[list[str]] = typer.Option(None, help="architecture option key=value (repeatable)"),
         weighting_option: Optional[list[str]] = typer.Option(None, help="weighting option key=value (repeatable)"),
@@ -48,14 +57,17 @@ def register(app: typer.Typer) -> None:
             base = RunConfig.from_yaml(stored).to_dict()
         if config is not None:
             base.update(read_yaml(config))
-        flags = {"suite": suite, "arch": arch, "weighting": weighting, "backbone": backbone, "baseline": baseline}
+        flags = {"suite": suite, "arch": arch, "weighting": weighting, "backbone": backbone, "baseline": baseline,
+                 "main": main}
         base.update({k: v for k, v in flags.items() if v is not None})
         for key, pairs in (("suite_options", suite_option), ("arch_options", arch_option),
                            ("weighting_options", weighting_option), ("backbone_options", backbone_option)):
             if pairs:
                 base[key] = {**(base.get(key) or {}), **parse_options(pairs, "--" + key[:-1].replace("_", "-"))}
         train_flags = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "monitor": monitor,
-                       "patience": patience, "num_threads": threads}
+                       "patience": patience, "num_threads": threads, "device": device, "precision": precision,
+                       "scheduler": scheduler, "warmup_steps": warmup_steps, "warmup_fraction": warmup_fraction,
+                       "accumulate": accumulate, "optimizer_impl": optimizer_impl}
         base["train"] = {**(base.get("train") or {}), **{k: v for k, v in train_flags.items() if v is not None}}
         base["train"].setdefault("num_threads", 1)
         if tensorboard:

@@ -21,6 +21,9 @@ from torch import Tensor
 from polytask.tasks import Batch, Inputs, Task
 
 
+_NOTHING = torch.empty(0, dtype=torch.long)  # no item stored (read only)
+
+
 class ReservoirBuffer:
     """Stores inputs, per-task labels and masks (and optional extra tensors such as logits)."""
 
@@ -42,16 +45,18 @@ class ReservoirBuffer:
         if self.class_balanced:
             assert keys is not None, "class-balanced reservoir needs class keys"
             return self._balanced_slots(keys)
-        n = self.seen + torch.arange(1, count + 1)
-        draws = (torch.rand(count, generator=self.generator, dtype=torch.float64) * n).long()
-        slot = torch.where(n <= self.capacity, n - 1, draws)
-        self.seen += count
+        # one tensor op for the draws, the rest in Python: for a batch of items that is cheaper than
+        # a vectorised version's dozen small tensor ops (and, once the memory is full, most steps store nothing)
         chosen: dict[int, int] = {}
-        for i, s in enumerate(slot.tolist()):
-            if s < self.capacity:
-                chosen[s] = i  # a later item overwrites an earlier one in the same slot
-        items = torch.tensor(list(chosen.values()), dtype=torch.long)
-        return items, torch.tensor(list(chosen.keys()), dtype=torch.long)
+        for i, u in enumerate(torch.rand(count, generator=self.generator, dtype=torch.float64).tolist()):
+            n = self.seen + i + 1
+            slot = n - 1 if n <= self.capacity else int(u * n)
+            if slot < self.capacity:
+                chosen[slot] = i  # a later item overwrites an earlier one in the same slot
+        self.seen += count
+        if not chosen:
+            return _NOTHING, _NOTHING
+        return torch.tensor(list(chosen.values()), dtype=torch.long), torch.tensor(list(chosen), dtype=torch.long)
 
     def _balanced_slots(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         stored = self.data.get("_key", torch.empty(0, dtype=torch.long))[:self.size].clone()
@@ -95,15 +100,22 @@ class ReservoirBuffer:
             flat["_key"] = keys
         if not self.data:
             self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in flat.items()}
-        for k, v in flat.items():
-            self.data[k][slots] = v[items].detach().to(self.data[k].dtype)
+        for k, v in flat.items():  # into the preallocated tensors, one gather and one scatter each
+            self.data[k].index_copy_(0, slots, v.detach().index_select(0, items).to(self.data[k].dtype))
         self.size = max(self.size, int(slots.max()) + 1)
 
     # ------------------------------------------------------------- sampling
+    def draw(self, n: int) -> Tensor:
+        """The slots of ``n`` stored items drawn uniformly without replacement (all of them if fewer)."""
+        return torch.randperm(self.size, generator=self.generator)[:n]
+
+    def rows(self, idx: Tensor) -> dict[str, Tensor]:
+        """The stored items in slots ``idx`` (one gather per stored tensor)."""
+        return {k: v.index_select(0, idx) for k, v in self.data.items()}
+
     def sample(self, n: int) -> dict[str, Tensor]:
         """``n`` stored items drawn uniformly without replacement (all of them if fewer)."""
-        idx = torch.randperm(self.size, generator=self.generator)[:n]
-        return {k: v[idx] for k, v in self.data.items()}
+        return self.rows(self.draw(n))
 
     def all_rows(self) -> dict[str, Tensor]:
         return {k: v[:self.size] for k, v in self.data.items()}

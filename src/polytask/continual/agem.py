@@ -9,6 +9,15 @@ and g_ref the gradient of the loss on a random batch of ``memory_batch`` samples
     if gᵀ g_ref < 0:   g̃ = g − (gᵀ g_ref / g_refᵀ g_ref) · g_ref,   else g̃ = g,
 
 over all trainable parameters as one vector; the optimizer then steps with g̃.
+
+Checked against: aimagelab/mammoth models/agem.py (``project``: g - (g.g_ref / g_ref.g_ref) g_ref
+when g.g_ref < 0, over all parameters as one vector) and ContinualAI/avalanche
+avalanche/training/plugins/agem.py (stored version at commit 0b92c00: the first
+``patterns_per_experience`` samples of the shuffled loader join the memory, the reference
+gradient is taken on a random ``sample_size`` memory batch). Same rule.
+Deviations: that Avalanche version tests and projects each parameter tensor separately; mammoth,
+the paper and we project the whole gradient vector. Mammoth fills the memory with one training
+batch of each task; we draw ``memory_per_experience`` samples at random from the whole experience.
 """
 
 from __future__ import annotations

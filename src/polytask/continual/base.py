@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from polytask.continual.scenario import Scenario
+from polytask.models.backbones import Identity
 from polytask.metrics import masked_task_losses
 from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.trainer import Hook
@@ -82,6 +83,25 @@ class Strategy(Hook):
         assert self.scenario is not None
         names = {n for i in self.finished for n in self.scenario[i].tasks}
         return [t for t in self.scenario.tasks if t.name in names]
+
+
+#: parameter-free modules that act on each sample alone
+SAMPLEWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Softplus, nn.Identity,
+              nn.Dropout, Identity)
+
+
+def samplewise(model: nn.Module) -> bool:
+    """True when each sample's output cannot depend on the rest of its batch (nor on a random draw):
+    every module is a Linear layer, a container, or a :data:`SAMPLEWISE` leaf, and no dropout is active.
+    Then one forward over joined batches equals one forward per batch."""
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            continue
+        if mod._parameters or (next(mod.children(), None) is None and not isinstance(mod, SAMPLEWISE)):
+            return False
+        if isinstance(mod, nn.Dropout) and mod.training and mod.p > 0:
+            return False
+    return True
 
 
 def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -8,9 +8,17 @@ Eq. 3, extended to several earlier experiences as in the paper (one penalty per 
 F_A is the diagonal of the Fisher information at θ*_A (the weights after experience A),
 estimated on ``fisher_samples`` training samples of A as the mean of squared per-sample
 gradients of log p(y|x). ``fisher="true"`` (default) draws y from the model's own predictive
-distribution (the Fisher proper); ``fisher="empirical"`` uses the dataset labels. The
-per-sample gradients come from one batched pass (``torch.func``: vmap over grad) where the
-model allows it, else from one backward pass per sample.
+distribution (the Fisher proper); ``fisher="empirical"`` uses the dataset labels.
+
+The squared per-sample gradients are summed in closed form when the network is Linear layers
+between sample-wise activations (the MLPs of the continual benchmarks): sample n's gradient of
+a Linear weight is the outer product g_n a_nᵀ of the output gradient and the input, so
+
+    Σ_n (g_n a_nᵀ)² = (G²)ᵀ (A²),   Σ_n g_n² for the bias,
+
+from one forward and one backward pass over all samples, no per-sample gradient held. Other
+models get them from one batched pass (``torch.func``: vmap over grad) where they allow it,
+else from one backward pass per sample; the three give the same numbers.
 
 The sum of quadratics is one quadratic, so it is kept consolidated: with S_i = Σ_A F_{A,i},
 
@@ -21,6 +29,18 @@ and a new experience (F, θ*) is folded in without cancellation: S' = S + F,
 m' = m + (F / S')(θ* − m), c' = c + Σ_i S_i F_i (m_i − θ*_i)² / S'_i. Penalty and gradient
 (λ S (θ − m), added straight to ``.grad`` after the backward pass) then cost one pass over
 the parameters, whatever the number of experiences.
+
+Checked against: ContinualAI/avalanche avalanche/training/plugins/ewc.py (``EWCPlugin``, mode
+"separate": one (F_A, theta*_A) pair per experience, penalty lambda sum_A sum_i F_A,i
+(theta_i - theta*_A,i)^2) and aimagelab/mammoth models/ewc_on.py (read; its online form).
+No code by the paper's authors was found. The penalty structure is the same.
+Deviations: both references omit the 1/2 of Eq. 3, so their lambda is our lambda / 2. Avalanche's
+importance is the mean over minibatches of the squared minibatch-mean gradient of the loss with
+the dataset labels, and mammoth's the squared per-sample gradient of log p(y_true|x) weighted by
+p(y_true|x); we use per-sample squared gradients (the diagonal Fisher as the paper defines it),
+with y drawn from the model by default (``fisher="empirical"`` gives the dataset-label version).
+The consolidated single quadratic (above) gives the same penalty and gradient as the references'
+sum over experiences.
 """
 
 from __future__ import annotations
@@ -32,7 +52,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
-from polytask.continual.base import Strategy, grads_of, trainable
+from polytask.continual.base import Strategy, grads_of, samplewise, trainable
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
 from polytask.tasks import Batch, MultiTaskData, Task
@@ -40,16 +60,20 @@ from polytask.trainer import Trainer
 
 #: per-sample gradients held at once by the batched Fisher (chunk size × parameter count)
 FISHER_CHUNK_ELEMENTS = 1 << 24
+FISHER_METHODS = ("auto", "vmap", "loop")
 
 
 def diagonal_fisher(model: nn.Module, tasks: list[Task], data: MultiTaskData, num_samples: int,
-                    generator: torch.Generator, mode: str = "true", batched: bool = True) -> dict[str, Tensor]:
+                    generator: torch.Generator, mode: str = "true", method: str = "auto") -> dict[str, Tensor]:
     """F_i = mean over samples of (∂/∂θ_i log p(y|x))², summed over the sample's labelled tasks.
 
     ``mode="true"`` draws each task's labels for all its labelled samples at once, in task
     order (for an experience that labels one task, the same draws as one sample at a time).
-    ``batched=False`` forces the per-sample loop (what the batched pass falls back to).
+    ``method``: ``auto`` takes the closed form for Linear networks, else vmap, else the loop;
+    ``vmap`` skips the closed form; ``loop`` forces one backward pass per sample.
     """
+    if method not in FISHER_METHODS:
+        raise PolytaskError(f"unknown Fisher method {method!r}; choose one of: {', '.join(FISHER_METHODS)}")
     params = trainable(model)
     n = min(num_samples, len(data))
     idx = torch.randperm(len(data), generator=generator)[:n]
@@ -58,7 +82,9 @@ def diagonal_fisher(model: nn.Module, tasks: list[Task], data: MultiTaskData, nu
     model.eval()
     try:
         labels = _fisher_labels(model, tasks, batch, generator, mode)
-        sums = _sq_grad_sums_vmap(model, params, tasks, batch, labels) if batched else None
+        sums = _sq_grad_sums_linear(model, params, tasks, batch, labels) if method == "auto" else None
+        if sums is None and method != "loop":
+            sums = _sq_grad_sums_vmap(model, params, tasks, batch, labels)
         if sums is None:
             sums = _sq_grad_sums_loop(model, params, tasks, batch, labels)
     finally:
@@ -79,6 +105,52 @@ def _fisher_labels(model: nn.Module, tasks: list[Task], batch: Batch, generator:
             y[m] = t.kind_impl.sample_labels(out[t.name][m], generator).to(y.dtype)
         labels[t.name] = y
     return labels
+
+
+def _sq_grad_sums_linear(model: nn.Module, params: list[tuple[str, nn.Parameter]], tasks: list[Task], batch: Batch,
+                         labels: dict[str, Tensor]) -> list[Tensor] | None:
+    """Σ over samples of squared per-sample gradients as (G²)ᵀ(A²) per Linear layer; None unless the model
+    is :func:`~polytask.continual.base.samplewise` and each Linear layer is called once, on [N, features]."""
+    if not samplewise(model):
+        return None  # parameters outside Linear layers, or a leaf that may mix samples or positions
+    linears = [mod for mod in model.modules() if type(mod) is nn.Linear]
+    owner = {id(p): (mod, kind) for mod in linears for kind, p in mod.named_parameters(recurse=False)}
+    if not params or any(id(p) not in owner for _, p in params):
+        return None
+    inputs: dict[nn.Module, Tensor] = {}
+    outputs: dict[nn.Module, Tensor] = {}
+    eligible = True
+
+    def record(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+        nonlocal eligible
+        eligible = eligible and mod not in outputs and isinstance(args[0], Tensor) and args[0].dim() == 2
+        inputs[mod], outputs[mod] = args[0].detach(), out
+
+    handles = [mod.register_forward_hook(record) for mod in linears]
+    try:
+        out = model(batch.x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not eligible:
+        return None  # a layer used twice (shared weights) or on sequences: per-sample gradients do not factor
+    total = torch.zeros((), dtype=params[0][1].dtype)
+    for t in tasks:
+        loss = t.loss(out[t.name], labels[t.name])
+        total = total + torch.where(batch.mask[t.name], loss, torch.zeros_like(loss)).sum()
+    used = list(outputs)
+    grads = dict(zip(used, torch.autograd.grad(total, [outputs[m] for m in used], allow_unused=True)))
+    sums = []
+    for _, p in params:
+        mod, kind = owner[id(p)]
+        g = grads.get(mod)
+        if g is None:
+            sums.append(torch.zeros_like(p))
+        elif kind == "weight":
+            sums.append(g.pow(2).T @ inputs[mod].pow(2))
+        else:
+            sums.append(g.pow(2).sum(0))
+    return sums
 
 
 def _sq_grad_sums_vmap(model: nn.Module, params: list[tuple[str, nn.Parameter]], tasks: list[Task], batch: Batch,

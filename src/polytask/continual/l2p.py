@@ -26,6 +26,16 @@ The frozen encoder (see ``_prompting.frozen_encoder``): the run's backbone by de
 pretrained encoder by name, e.g. ``encoder="efficientnet-lite0", image_shape=[1, 28, 28]`` on
 split-mnist (frozen ImageNet EfficientNet-Lite0 features instead of raw pixels) or
 ``encoder="minilm"`` on wordnet-topics (token mode: prompts prepended to MiniLM's tokens).
+
+Checked against: the PyTorch port of the authors' JAX code, JH-LEE-KR/l2p-pytorch (prompt.py,
+also in aimagelab/mammoth models/l2p_utils/prompt.py): cosine similarity of the frozen [CLS]
+query to the L2-normalised keys, top-N selection, the pull term reduce_sim subtracted with
+coefficient 0.1 (``pull_constraint_coeff``), the prompt-token mean readout (``head_type="prompt"``)
+and ``train_mask``. Same mechanism and loss.
+Deviations: the port defaults to ``batchwise_prompt=True`` (the N prompts chosen most often in the
+batch are used for every sample); we select per sample, as Eq. 3 defines it. The backbone
+is MiniLM / EfficientNet-Lite0 or the run's own, not a ViT-B/16, and the feature-shift adaptation
+above replaces prepending where there are no tokens.
 """
 
 from __future__ import annotations

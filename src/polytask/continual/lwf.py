@@ -11,6 +11,17 @@ Old tasks are the tasks of finished experiences. In a class-incremental scenario
 over all classes) the distillation covers only the output units of the classes seen so far
 (the "active units" of van de Ven & Tolias 2019). Binary and multi-label heads distil the
 tempered sigmoids (binary cross-entropy), regression heads the outputs themselves (MSE).
+
+Checked against: aimagelab/mammoth models/lwf.py and ContinualAI/avalanche
+avalanche/training/plugins/lwf.py. Same distillation: the tempered (T = 2) softmax of the old
+network's outputs as soft targets for the current one's, on the output units of the classes seen
+before, added to the new-task loss with weight alpha (Avalanche's default 1, ours; mammoth 0.5).
+Avalanche, like us, runs the frozen copy on every batch; its KL divergence has the same gradient
+as our cross-entropy.
+Deviations: Avalanche takes the softmaxes over all output units and then keeps the old classes'
+columns; mammoth and we normalise over the old classes' units only. Mammoth stores the old
+outputs once per task and first warms up the new head alone (the paper's warm-up step); we skip
+the warm-up.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ class LwF(Strategy):
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.old: nn.Module | None = None
         self.units: dict[str, list[int]] = {}
+        self._distilled: tuple[int, list[tuple[Any, Tensor | None]]] = (-1, [])
 
     def targets(self, x: Any) -> dict[str, Tensor]:
         """The frozen previous model's outputs (the distillation targets)."""
@@ -48,18 +60,24 @@ class LwF(Strategy):
         with torch.no_grad():
             return self.old(x)
 
+    def distilled(self) -> list[tuple[Any, Tensor | None]]:
+        """The old tasks with the columns of their active units (None: all), kept until an experience ends."""
+        if self._distilled[0] != len(self.finished):
+            self._distilled = (len(self.finished), [(t, torch.tensor(self.units[t.name]) if self.units.get(t.name)
+                                                     else None) for t in self.seen_tasks()])
+        return self._distilled[1]
+
     def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
         if self.old is None:
             return None
         old = self.targets(batch.x)
-        total = torch.zeros(())
-        for t in self.seen_tasks():
-            cols = self.units.get(t.name)
+        terms = []
+        for t, cols in self.distilled():
             new_t, old_t = outputs[t.name], old[t.name]
-            if cols:
-                new_t, old_t = new_t[:, cols], old_t[:, cols]
-            total = total + t.kind_impl.distillation(new_t, old_t, self.temperature)
-        return self.alpha * total
+            if cols is not None:
+                new_t, old_t = new_t.index_select(1, cols), old_t.index_select(1, cols)
+            terms.append(t.kind_impl.distillation(new_t, old_t, self.temperature))
+        return self.alpha * sum(terms[1:], terms[0]) if terms else None
 
     def after_fit(self, trainer: Trainer) -> None:
         assert self.scenario is not None

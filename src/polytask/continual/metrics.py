@@ -11,6 +11,8 @@ With T experiences (Lopez-Paz & Ranzato, NeurIPS 2017, "Gradient Episodic Memory
 and forgetting (Chaudhry et al., ECCV 2018, "Riemannian Walk", Eq. 5-6):
 
     f_j = max_{l < T-1} R[l, j] - R[T-1, j],     F = 1/(T-1) Σ_{j<T-1} f_j.
+
+Multi-label class-incremental steps are scored by :func:`multilabel_scores` (mAP, CF1, OF1).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from torch import Tensor
 
 from polytask.errors import PolytaskError
 from polytask.io import atomic_path, write_text
@@ -60,6 +64,31 @@ def summarize(r: Sequence[Sequence[float]], random_init: Sequence[float]) -> dic
             "forward_transfer": forward_transfer(r, random_init), "forgetting": forgetting(r),
             "accuracy_matrix": [[float(v) for v in row] for row in r],
             "random_init_accuracy": [float(v) for v in random_init]}
+
+
+def multilabel_scores(logits: Tensor, targets: Tensor, threshold: float = 0.8) -> dict[str, float]:
+    """mAP, CF1 and OF1 of multi-label ``logits`` [N, C] against 0/1 ``targets`` [N, C].
+
+    mAP: the mean over classes of the average precision of sigmoid scores; CF1: the mean over
+    classes of the per-class F1; OF1: the F1 of all (sample, class) decisions pooled; a class is
+    predicted when its sigmoid exceeds ``threshold`` (0.8 in MULTI-LANE's code, utils.f1_score_*).
+    torchmetrics' MultilabelAveragePrecision and MultilabelF1Score (macro / micro), zero for an
+    undefined F1.
+    """
+    from torchmetrics.classification import (BinaryAveragePrecision, BinaryF1Score, MultilabelAveragePrecision,
+                                             MultilabelF1Score)
+
+    if logits.shape != targets.shape or logits.dim() != 2 or len(logits) == 0:
+        raise PolytaskError(f"multi-label scores need logits and targets of one shape [N, C], got "
+                            f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    n, probs, y = targets.shape[1], logits.float().sigmoid(), targets.long()
+    if n == 1:  # torchmetrics' multilabel metrics need two labels; one label's macro and micro F1 coincide
+        f1 = float(BinaryF1Score(threshold=threshold, zero_division=0)(probs[:, 0], y[:, 0]))
+        return {"mAP": float(BinaryAveragePrecision()(probs[:, 0], y[:, 0])), "CF1": f1, "OF1": f1}
+    ap = MultilabelAveragePrecision(num_labels=n, average="macro")(probs, y)
+    cf1 = MultilabelF1Score(num_labels=n, threshold=threshold, average="macro", zero_division=0)(probs, y)
+    of1 = MultilabelF1Score(num_labels=n, threshold=threshold, average="micro", zero_division=0)(probs, y)
+    return {"mAP": float(ap), "CF1": float(cf1), "OF1": float(of1)}
 
 
 def write_matrix_csv(path: Path, r: Sequence[Sequence[float]], names: Sequence[str]) -> None:

@@ -7,6 +7,13 @@ One running Fisher and one anchor instead of one penalty per experience:
 
 with γ ≤ 1 down-weighting older experiences and θ*_{t−1} the weights after the last one.
 F_t is estimated as in :mod:`polytask.continual.ewc`.
+
+Checked against: aimagelab/mammoth models/ewc_on.py (F~ <- gamma F~ + F at the end of each task,
+anchor = the weights after the last task, penalty lambda sum_i F~_i (theta_i - theta*_i)^2, its
+gradient 2 lambda F~ (theta - theta*) written into .grad) and ContinualAI/avalanche's EWCPlugin
+mode "online" (the same update with ``decay_factor``). Same recursion.
+Deviations: the references' lambda is our lambda / 2 (no 1/2 there); their Fisher estimates
+differ from ours as listed in :mod:`polytask.continual.ewc`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from torch import nn
 
 from polytask.continual.base import Strategy
 from polytask.continual.metrics import plot_heatmap, plot_over_time, summarize, write_matrix_csv
+from polytask.continual.multilabel import group_map, is_multilabel_ci, step_scores, summarize_steps
 from polytask.continual.scenario import Scenario
 from polytask.checkpoints import CheckpointDir, load_state, save_state
 from polytask.config import RouteConfig
@@ -80,7 +81,10 @@ class ContinualResult:
 
 
 def experience_accuracy(model: nn.Module, scenario: Scenario, j: int, batch_size: int = 2048) -> float:
-    """The mean main metric (accuracy for classification) over experience ``j``'s tasks, on its test set."""
+    """The mean main metric (accuracy for classification) over experience ``j``'s tasks, on its test set
+    (for a multi-label class-incremental scenario: the mAP over experience j's classes)."""
+    if is_multilabel_ci(scenario):
+        return group_map(model, scenario, j, batch_size)
     tasks = scenario.experience_tasks(j)
     res = evaluate_model(model, tasks, scenario[j].test, batch_size)
     return float(sum(res[t.name][t.main_metric] for t in tasks) / len(tasks))
@@ -97,7 +101,15 @@ def accuracy_row(model: nn.Module, scenario: Scenario, strategy: Strategy, batch
 def resolve_train(config: ContinualConfig, scenario: Scenario) -> TrainConfig:
     """The run's TrainConfig: what the user set, the scenario's recommendations for the rest."""
     defaults = {"progress": False, "num_threads": 1, **scenario.defaults.get("train", {})}
-    return config.train.filled(defaults)
+    train = config.train.filled(defaults)
+    # strategies keep their state and data on the CPU and act once per batch (precision and schedules do apply)
+    if train.device != "cpu":
+        raise PolytaskError(f"the continual route trains on the CPU only (its strategies keep CPU state), not "
+                            f"device {train.device!r}; leave device out or set device: cpu")
+    if train.accumulate != 1:
+        raise PolytaskError("the continual route takes one batch per optimiser step (strategy hooks and stream "
+                            "evaluation count batches); leave accumulate out and raise batch_size instead")
+    return train
 
 
 def build_default_model(config: ContinualConfig, scenario: Scenario) -> nn.Module:
@@ -165,9 +177,11 @@ def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_
     random_init = accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size)
     rows: list[list[float]] = []
     seconds: list[float] = []
+    multilabel = is_multilabel_ci(scenario) and not scenario.task_free
+    ml_steps: list[dict[str, float]] | None = [] if multilabel else None  # per-step mAP/CF1/OF1, seen classes
     start = 0
     if resume and out is not None:
-        start, rows, seconds = _load_checkpoint(out, model, strategy)
+        start, rows, seconds, ml_steps = _load_checkpoint(out, model, strategy, ml_steps)
     n = len(scenario)
     if scenario.task_free:
         if start == 0:
@@ -191,12 +205,17 @@ def _run(config: ContinualConfig, scenario: Scenario, strategy: Strategy, train_
             strategy.end(i)
             seconds.append(time.perf_counter() - t0)
             rows.append(accuracy_row(model, scenario, strategy, train_cfg.eval_batch_size))
-            _save_checkpoint(out, i, model, strategy, rows, seconds, run_dir)
+            if ml_steps is not None:
+                ml_steps.append(step_scores(model, scenario, i, train_cfg.eval_batch_size))
+            _save_checkpoint(out, i, model, strategy, rows, seconds, run_dir, ml_steps)
     metrics = {"route": "continual", "scenario": config.scenario, "strategy": config.strategy, "seed": config.seed,
                "kind": scenario.kind, "task_free": scenario.task_free, "num_experiences": n,
                **summarize(rows, random_init),
                "experience_seconds": [round(s, 3) for s in seconds], "train_seconds": round(sum(seconds), 3),
                "metric": "mean main metric of each experience's tasks (accuracy for classification)"}
+    if ml_steps is not None:
+        metrics["metric"] = "mAP over each experience's classes (multi-label class-incremental)"
+        metrics["multilabel"] = summarize_steps(ml_steps)
     if out is not None:
         _write_outputs(out, config, scenario, model, metrics)
     return ContinualResult(config, scenario, strategy, model, metrics, out)
@@ -219,7 +238,8 @@ def _checkpoints(out: Path) -> CheckpointDir:
 
 
 def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: Strategy,
-                     rows: list[list[float]], seconds: list[float], run_dir: RunDir | None) -> None:
+                     rows: list[list[float]], seconds: list[float], run_dir: RunDir | None,
+                     steps: list[dict[str, float]] | None = None) -> None:
     """checkpoints/exp-XXX: model and strategy tensors (safetensors), loop and strategy state (JSON)."""
     if out is None:
         return
@@ -227,12 +247,14 @@ def _save_checkpoint(out: Path | None, index: int, model: nn.Module, strategy: S
         save_safetensors(folder / "model.safetensors", {k: v.clone() for k, v in model.state_dict().items()})
         save_state(folder, {"finished": index + 1, "accuracy_matrix": rows, "experience_seconds": seconds,
                             "strategy": strategy.state_meta(), "strategy_tensors": strategy.state_tensors(),
-                            "torch_rng": torch.get_rng_state()})
+                            "torch_rng": torch.get_rng_state(),
+                            **({"multilabel_steps": steps} if steps is not None else {})})
     if run_dir is not None:
         run_dir.commit()
 
 
-def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[int, list[list[float]], list[float]]:
+def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy, steps: list[dict[str, float]] | None
+                     ) -> tuple[int, list[list[float]], list[float], list[dict[str, float]] | None]:
     """Restore the newest good experience checkpoint (damaged ones are skipped with a warning)."""
     loaded: dict[str, Any] = {}
 
@@ -244,9 +266,10 @@ def _load_checkpoint(out: Path, model: nn.Module, strategy: Strategy) -> tuple[i
         loaded.update(state)
 
     if _checkpoints(out).restore(load) is None:
-        return 0, [], []
+        return 0, [], [], steps
     torch.set_rng_state(loaded["torch_rng"])
-    return int(loaded["finished"]), loaded["accuracy_matrix"], loaded["experience_seconds"]
+    restored = loaded.get("multilabel_steps", steps) if steps is not None else None
+    return int(loaded["finished"]), loaded["accuracy_matrix"], loaded["experience_seconds"], restored
 
 
 def run(scenario: str | Scenario, strategy: str = "finetune", *, epochs: int | None = None, seed: int = 0,

@@ -17,6 +17,17 @@ term), as in van de Ven & Tolias' (2019) implementation; ω then measures each p
 share of the drop of that loss. The surrogate's gradient 2c Ω (θ − θ̃) is added straight to
 ``.grad``, and both it and the ω update are fused ``torch._foreach`` passes over the
 parameters into preallocated buffers, so a step costs the same in every experience.
+
+Checked against: aimagelab/mammoth models/si.py and ContinualAI/avalanche
+avalanche/training/plugins/synaptic_intelligence.py. Both: Omega += omega / (Delta^2 + xi) at
+the end of a task, omega reset, surrogate sum Omega (theta - theta~)^2. Avalanche accumulates
+omega from g . Delta theta of every actual step (g the gradient of the loss with the surrogate),
+as we do.
+Deviations: mammoth accumulates omega += lr g^2 (the path integral for plain SGD, whatever the
+optimiser) after clipping gradients to [-1, 1]; we measure -g . Delta theta from the actual step
+(the same for SGD, still right for momentum or Adam) and do not clip. Avalanche clamps Omega at
+0.001, weights the surrogate by lambda / 2 and leaves batch-norm parameters out; we do none of
+these (our c is Eq. 4's c).
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ of multiple fine-tuned models improves accuracy without increasing inference tim
 The sum is accumulated in float64, so averaging identical models returns that model bit for bit.
 Per-model ``weights`` w_t give the weighted average Σ_t w_t θ_t / Σ_t w_t (mergekit's ``linear``), or
 the plain weighted sum Σ_t w_t θ_t with ``normalize=False``.
+
+Checked against: arcee-ai/mergekit mergekit/merge_methods/linear.py (``LinearMergeTask``:
+sum_t w_t theta_t, divided by sum_t w_t when ``normalize``, its default; equal weights give the
+uniform soup). Same result: tests/test_reference_merging.py compares a weighted average with
+that formula (tests/fixtures/make_mergekit_fixtures.py).
+Deviations: the sum is taken in float64 (mergekit: the tensors' dtype), so the result can differ
+from a float32 sum in the last bit.
 """
 
 from __future__ import annotations

@@ -10,6 +10,21 @@ vectors by TIES' sign election and disjoint merge instead of the sum (mergekit's
 ``breadcrumbs_ties``). Defaults density = 0.14, beta = 0.01 (γ = 0.85) and λ = 0.3 are our
 starting point inside the ranges the paper explores; the paper tunes them on validation data,
 and so should you. Entries tied with a cut-off magnitude are kept.
+
+Checked against: arcee-ai/mergekit mergekit/sparsify.py ``magnitude_outliers`` (per tensor:
+int(density n) entries kept, int(beta n) largest dropped (its ``gamma`` is our beta), the rest of
+the smallest dropped, by sort order) and its ``breadcrumbs`` / ``breadcrumbs_ties`` methods
+(normalize and rescale off). tests/test_reference_merging.py re-runs them
+(tests/fixtures/make_mergekit_fixtures.py) and gets the same merge where the cut-off counts
+agree (``ties=True`` with ``merge_func="sum"``). No code by the paper's authors was found in the
+stored repositories (a name search for breadcrumbs finds only unrelated projects).
+Deviations: the cut-offs are round(gamma n) smallest and round(beta n) largest (mergekit: int(),
+with the bottom count taking the remainder), and entries tied with a cut-off magnitude are all
+kept, so a layer can keep slightly more than the density. mergekit's TIES variant sums the
+agreeing entries (its ``normalize`` is off) where our default ``merge_func`` is the disjoint
+mean; a zero sign sum elects + there, 0 here. (The stored mergekit sparsify.py keeps nothing
+of a tensor with int(beta n) = 0, since it then slices ``indices[n_bot:-0]``; we keep the
+density's share.)
 """
 
 from __future__ import annotations

@@ -13,6 +13,15 @@ dimensions (weight matrices, embeddings) and keeps 1-D tensors (biases, norm sca
 ``rescale=False`` skips the 1/(1 − p) (mergekit's ``rescale``). Defaults: density = 0.1, i.e.
 p = 0.9 (the paper shows drop rates up to 0.9 leave fine-tuned abilities intact); λ = 0.3 as in task
 arithmetic, or 1 with ``ties=True`` as in TIES.
+
+Checked against: the authors' yule-BUAA/MergeLM model_merging_methods/mask_weights_utils.py
+(``mask_input_with_mask_rate``, strategy "random": a Bernoulli(p) mask, tau (1 - m) / (1 - p),
+applied to every task-vector tensor not excluded by name) and arcee-ai/mergekit's ``dare_linear`` /
+``dare_ties`` (mergekit/sparsify.py ``random``: Bernoulli(density) keep-mask, divided by density
+when ``rescale``; then task arithmetic or TIES' consensus). Same operation.
+Deviations: the random masks come from our per-(seed, tensor, model) generators, so they are not
+the references' draws (only their distribution is the same); MergeLM's exclusion regexes are our
+``matrices_only`` switch.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ With a diagonal Fisher F_t per model (Sec. 2), the merge is the closed form
 
     θ^p = Σ_t λ_t F_t^p θ_t^p / Σ_t λ_t F_t^p
 
-with λ_t = 1/T by default (``weights`` sets them). As in the authors' code a small ``epsilon`` is
-added to every Fisher entry, so parameters no model is sensitive to fall back to the plain
-average instead of 0/0. Tensors absent from the Fisher dicts (e.g. buffers) get F = 1.
+with λ_t = 1/T by default (``weights`` sets them). A small ``epsilon`` is added to every Fisher
+entry (the authors' code floors it instead; see Deviations), so parameters no model is
+sensitive to fall back to the plain average instead of 0/0. Tensors absent from the Fisher dicts
+(e.g. buffers) get F = 1.
 
 The diagonal Fisher F = E_x E_{y~p_θ(y|x)} [(∇_θ log p_θ(y|x))²] is estimated by
 :func:`diagonal_fisher` from a few input batches, with the expectation over y taken exactly
@@ -15,6 +16,18 @@ Fishers are passed precomputed (state dicts or safetensors files, one per fine-t
 a callable ``fishers(i, state_dict_i) -> {name: Fisher}`` called once per fine-tuned model, either
 as the option ``fishers`` or in ``MergeData(fishers=...)`` (need ``fisher``: a harness computes them
 from a few training inputs of each task); the latter wins.
+
+Checked against: the authors' mmatena/model_merging model_merging/merging.py
+(``_merge_with_coeffs``: sum_t c_t F_t theta_t / sum_t c_t F_t with F floored at
+``fisher_floor`` = 1e-6, by default only on the first ("target") model, and, by default, c_t
+divided by the global L2 norm of model t's Fisher) and model_merging/fisher.py (the exact expectation over labels, sum_y p(y|x) (grad log
+p(y|x))^2, averaged over examples). The Fisher estimate is the same, and so is the merge given
+the same per-model coefficients: tests/test_reference_merging.py checks both against a torch
+re-write of that code (tests/fixtures/make_fisher_fixture.py), with and without its Fisher
+normalisation (passed to us as ``weights``).
+Deviations: we add ``epsilon`` = 1e-8 to every model's Fisher instead of flooring the target's
+at 1e-6, and do not normalise each Fisher by its global norm (the closed form above has neither;
+``weights`` can rescale models).
 """
 
 from __future__ import annotations

@@ -6,6 +6,17 @@ tasks the chosen values sit around 0.3–0.4, and 0.3 is the value follow-up wor
 AdaMerging) uses as the task-arithmetic default, so ``lam`` defaults to 0.3. Negating a task
 vector (λ < 0) forgets a task. Per-model ``weights`` w_t give θ = θ_0 + λ Σ_t w_t τ_t (mergekit's
 ``weight``), divided by Σ_t w_t with ``normalize=True``.
+
+Checked against: the authors' mlfoundations/task_vectors src/task_vectors.py (``TaskVector``:
+tau = theta_ft - theta_pre for every tensor but int64/uint8 ones, ``__add__`` sums them,
+``apply_to`` gives theta_pre + scaling_coef * tau) and arcee-ai/mergekit's ``task_arithmetic``
+(merge_methods/generalized_task_arithmetic.py without sparsification or sign consensus:
+theta_0 + sum_t w_t tau_t, ``normalize`` off by default). Same formula;
+tests/test_reference_merging.py compares a weighted merge with mergekit's
+(tests/fixtures/make_mergekit_fixtures.py).
+Deviations: none. (The authors' ``apply_to`` drops keys absent from the task vector, so their
+integer tensors keep the pretrained values, as here, where non-float tensors are copied from the
+base.)
 """
 
 from __future__ import annotations

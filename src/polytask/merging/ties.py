@@ -16,6 +16,19 @@ entries tied with the smallest of them. Optional per-model ``weights`` w_t scale
 election (mergekit's ``weight``); the mean is then weighted, Σ_{t∈A} w_t τ̂_t / Σ_{t∈A} w_t.
 Where Σ_t τ̂_t^p = 0 the merged entry is 0 (the reference code would give it the majority sign of
 the whole vector instead).
+
+Checked against: the authors' prateeky2806/ties-merging src/utils/merge_utils.py
+(``topk_values_mask`` on each flattened task vector: threshold the (d - int(d K))-th smallest
+|tau|, keep |tau| >= it; ``resolve_sign`` "mass": sgn(sum_t tau_t)
+with zeros set to the majority sign; ``disjoint_merge``: mean / sum / max over the entries with
+the elected sign) and arcee-ai/mergekit (``ties``: per-tensor top-k by ``argsort``, sign by
+sum >= 0, weighted disjoint mean via ``normalize``). Steps and merge functions are the same.
+tests/test_reference_merging.py runs these functions (tests/fixtures/make_ties_fixture.py) and gets
+the same merged weights for mean, sum and max once the kept count is matched.
+Deviations: we keep round(density n) entries; the authors' code keeps int(density n) + 1 (its
+threshold entry is kept too) and mergekit int(density n); a zero sign sum gives a
+zero entry (above) where the authors' code uses the majority sign and mergekit +1; mergekit's
+per-tensor trim keeps exactly k entries (ties broken by sort order), we keep all tied entries.
 """
 
 from __future__ import annotations

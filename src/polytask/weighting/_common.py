@@ -136,23 +136,25 @@ class SeededRandom:
 
 
 class GramianWeighting(Weighting):
-    """A gradient method whose update is ``w @ G`` with ``w`` computed from the per-task gradients
-    ``G`` (in practice from their Gram matrix): subclasses name themselves and give :meth:`weights`."""
+    """A gradient method whose update is ``w @ G`` with ``w`` computed from the Gram matrix G G^T of the
+    per-task gradients alone: it asks the context for the Gramian (:meth:`GradContext.gramian`, which
+    never forms G in ``params`` mode) and hands back the weights. Subclasses name themselves and give
+    :meth:`weights`; ``gram_dtype`` is the precision the Gramian's products are taken in."""
 
     grad_source = "params"
     method: ClassVar[str]
+    gram_dtype: ClassVar[torch.dtype] = torch.float32
 
     def __init__(self, task_names: Sequence[str], *, mode: str = "params") -> None:
         super().__init__(task_names)
         self.mode = check_mode(self.method, mode)  # type: ignore[assignment]
 
-    def weights(self, grads: Tensor) -> np.ndarray:
-        """The [T] combination weights of the rows of ``grads``."""
+    def weights(self, m: np.ndarray, ctx: GradContext) -> np.ndarray:
+        """The [T] combination weights of the task gradients, from their Gram matrix ``m``."""
         raise NotImplementedError
 
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx(self.method, ctx)
-        grads = ctx.task_grads(losses)
-        w = torch.from_numpy(self.weights(grads)).to(grads)
-        ctx.apply(losses, None, w @ grads)
+        w = torch.from_numpy(self.weights(ctx.gramian(losses, self.gram_dtype).numpy(), ctx)).to(losses)
+        ctx.apply(losses, shared_weights=w)
         return w

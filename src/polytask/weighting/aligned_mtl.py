@@ -14,6 +14,16 @@ sum of the losses' gradients, as in the official balancer.
 
 Gradient source: shared parameters (``mode="params"``, default); ``mode="rep"`` is the
 paper's Aligned-MTL-UB on the shared representation.
+
+Checked against: the official SamsungLabs/MTL code/optim/aligned/solver.py (``ProcrustesSolver``:
+eigendecomposition of the Gram matrix, rank tolerance lambda_max * T * float32 eps, scale modes
+min/median/rmse) and balancer.py, and median-research-group/LibMTL LibMTL/weighting/Aligned_MTL.py
+(commit 4336804, the "min" mode; alpha = B.sum(0)). tests/test_reference_libmtl.py runs LibMTL's
+code (with the removed ``torch.symeig`` replaced by ``torch.linalg.eigh``) on four gradient sets,
+one of rank 2 < T, and gets the same alpha and update from ``alignment_matrix``.
+Deviations: the eigendecomposition is done in float64 (the references: the gradients' dtype);
+the official "median" takes torch's lower median of the eigenvalues, ours of their roots (the
+same element).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
 from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_choice, check_mode, gram, need_ctx
+from polytask.weighting._common import check_choice, check_mode, need_ctx
 
 SCALES = ("min", "median", "rmse")
 
@@ -55,7 +65,6 @@ class AlignedMTL(Weighting):
 
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("aligned-mtl", ctx)
-        grads = ctx.task_grads(losses)
-        w = alignment_matrix(gram(grads), self.scale).sum(0).to(grads)
-        ctx.apply(losses, None, w @ grads)
+        w = alignment_matrix(ctx.gramian(losses), self.scale).sum(0).to(losses)
+        ctx.apply(losses, shared_weights=w)
         return w

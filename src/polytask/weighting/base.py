@@ -12,9 +12,11 @@ from typing import ClassVar, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import GradientEdge
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
+from polytask.weighting._gramian import GramianEngine, Rows, dense_rows
 
 GradSource = Literal["none", "params", "rep"]
 
@@ -60,7 +62,11 @@ class GradContext:
 
     In ``params`` mode the same passes also give the task-specific parameters' per-task
     gradients, so :meth:`apply` needs no further backward pass: T passes per step where
-    LibMTL's loop runs T + 1.
+    LibMTL's loop runs T + 1. When ``losses`` is a ``torch.stack`` of scalar losses (as the
+    trainer builds it), the CPU passes start from each task's own loss, so they skip the other
+    tasks' heads. Methods that need only the Gram matrix G G^T call :meth:`gramian` instead
+    of :meth:`task_grads` (in ``params`` mode G is then never formed: see
+    :mod:`polytask.weighting._gramian`) and hand back ``shared_weights`` to :meth:`apply`.
 
     Under torch.distributed, ``params`` gradients are averaged over ranks before the
     method combines them (every rank then computes the same update); in ``rep`` mode
@@ -87,10 +93,19 @@ class GradContext:
         self.grads: Tensor | None = None
         self.other_grads: Tensor | None = None
         self._batched_ok = True
+        self.engine: GramianEngine | None = None
+        self._other_rows: list[Rows] = []
+
+    def close(self) -> None:
+        """Remove the forward hooks :meth:`gramian` installed on the model."""
+        if self.engine is not None:
+            self.engine.close()
 
     def reset(self) -> None:
-        """Forget the previous step's gradients (the trainer calls this before every step)."""
+        """Forget the previous step's gradients (the trainer calls this after the forward of every step)."""
         self.grads = self.other_grads = None
+        if self.engine is not None:
+            self.engine.step = None
 
     def _targets(self) -> list[Tensor]:
         if self.mode == "rep":
@@ -100,8 +115,8 @@ class GradContext:
             return [leaf]
         return self.shared
 
-    def _rows(self, losses: Tensor, targets: list[Tensor], outputs: Tensor) -> Tensor:
-        """Flat [R, D] gradients of ``outputs @ losses`` (one row per row of ``outputs``)."""
+    def _rows(self, losses: Tensor, targets: list[Tensor], outputs: Tensor) -> list[Tensor]:
+        """Gradients [R, *shape] of ``outputs @ losses`` for every target (one row per row of ``outputs``)."""
         r = outputs.shape[0]
         grads: Sequence[Tensor | None] | None = None
         if r == 1:
@@ -114,9 +129,26 @@ class GradContext:
             except RuntimeError:
                 self._batched_ok = False  # an op without a batching rule: fall back to one pass per row
         if grads is None:
-            return torch.cat([self._rows(losses, targets, outputs[i:i + 1]) for i in range(r)])
-        return torch.cat([(g if g is not None else p.new_zeros(r, *p.shape)).reshape(r, -1)
-                          for g, p in zip(grads, targets)], 1)
+            return [torch.cat(rows) for rows in zip(*(self._rows(losses, targets, outputs[i:i + 1]) for i in range(r)))]
+        return [g if g is not None else p.new_zeros(r, *p.shape) for g, p in zip(grads, targets)]
+
+    def per_task(self, losses: Tensor, targets: list[Tensor]) -> list[Tensor]:
+        """Per-task gradients [T, *shape] of each of ``targets`` (zeros where a loss does not reach one)."""
+        return [dense_rows(rows, p) for rows, p in zip(self.per_task_rows(losses, targets), targets)]
+
+    def per_task_rows(self, losses: Tensor, targets: list[Tensor]) -> list[list[Tensor | None]]:
+        """For each target, its T per-task gradients, None where a task's loss does not reach it."""
+        t = losses.shape[0]
+        chunk = self.task_chunk or (1 if losses.device.type == "cpu" else t)
+        edges = _stacked_edges(losses) if chunk == 1 else None
+        if edges is not None:   # one pass per task from its own loss: the other tasks' branches stay untouched
+            one = torch.ones((), dtype=losses.dtype, device=losses.device)
+            per_task = [[None] * len(targets) if e is None else torch.autograd.grad(
+                [e], targets, grad_outputs=[one], retain_graph=True, allow_unused=True) for e in edges]
+            return [list(rows) for rows in zip(*per_task)]
+        eye = torch.eye(t, dtype=losses.dtype, device=losses.device)
+        blocks = [self._rows(losses, targets, eye[i:i + chunk]) for i in range(0, t, chunk)]
+        return [[row for block in parts for row in block.unbind()] for parts in zip(*blocks)]
 
     def task_grads(self, losses: Tensor) -> Tensor:
         """The [T, D] matrix of per-task gradients of the shared part."""
@@ -124,10 +156,9 @@ class GradContext:
         if self.mode == "params":
             targets = targets + self.others
         t = losses.shape[0]
-        eye = torch.eye(t, dtype=losses.dtype, device=losses.device)
-        chunk = self.task_chunk or (1 if losses.device.type == "cpu" else t)
-        blocks = [self._rows(losses, targets, eye[i:i + chunk]) for i in range(0, t, chunk)]
-        flat = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        flat = torch.cat([g.reshape(t, -1) for g in self.per_task(losses, targets)], 1)
+        if flat.dtype in (torch.float16, torch.bfloat16):  # rep mode under autocast: combine in float32
+            flat = flat.float()
         if self.distributed and self.mode == "params":
             _all_reduce_mean(flat)
         if self.mode == "params":
@@ -135,14 +166,46 @@ class GradContext:
         self.grads = flat
         return flat
 
-    def apply(self, losses: Tensor, weights: Tensor | None = None, shared_grad: Tensor | None = None) -> None:
+    def gramian(self, losses: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The [T, T] Gram matrix G G^T (float64, CPU) of the per-task gradients of the shared part,
+        products taken in ``dtype`` or the gradients' dtype if wider. In ``params`` mode it comes from the
+        :class:`~polytask.weighting._gramian.GramianEngine` without forming G (one vector-Jacobian
+        product per task w.r.t. the shared layers' outputs, no weight-gradient products); follow it
+        with :meth:`apply` and ``shared_weights``. In ``rep`` mode it is the Gram matrix of
+        :meth:`task_grads` (G is small there)."""
+        if self.mode == "rep":
+            g = self.task_grads(losses)
+            g = g.to(torch.promote_types(g.dtype, dtype))
+            return (g @ g.T).double().cpu()
+        if self.engine is None:
+            self.engine = GramianEngine(self.model, self.shared)
+        m, self._other_rows = self.engine.gramian(
+            losses, self.per_task_rows, _all_reduce_mean if self.distributed else None, self.others, dtype)
+        return m
+
+    def apply(self, losses: Tensor, weights: Tensor | None = None, shared_grad: Tensor | None = None, *,
+              shared_weights: Tensor | None = None) -> None:
         """Write the update into ``.grad``: task-specific parts get the gradient of
-        ``sum_t w_t L_t`` (w = 1 by default); the shared part gets ``shared_grad``
-        (default ``w @ G`` if :meth:`task_grads` ran this step, else the gradient of the
-        weighted sum itself, so a weighting can skip G on some steps)."""
+        ``sum_t w_t L_t`` (w = 1 by default); the shared part gets ``shared_grad``, else
+        ``shared_weights @ G`` (``shared_weights`` defaults to w) if :meth:`task_grads` or
+        :meth:`gramian` ran this step, else the gradient of the weighted sum itself, so a
+        weighting can skip G on some steps."""
         w = torch.ones_like(losses) if weights is None else weights.to(losses).detach()
+        engine_step = self.engine.step if self.engine is not None else None
+        if shared_grad is None and engine_step is not None and self.grads is None:
+            sw = w if shared_weights is None else shared_weights.to(losses).detach()
+            for p, g in self.engine.shared_grads(sw):   # type: ignore[union-attr]
+                p.grad = g if p.grad is None else p.grad + g
+            for p, rows in zip(self.others, self._other_rows):   # averaged over ranks with the Gramian
+                terms = [wt * r for wt, r in zip(w.to(p.dtype), rows) if r is not None]
+                g = torch.stack(terms).sum(0) if terms else torch.zeros_like(p)
+                p.grad = g if p.grad is None else p.grad + g
+            self.engine.finish()   # type: ignore[union-attr]
+            return
+        if self.engine is not None:
+            self.engine.finish()
         if shared_grad is None and self.grads is not None:
-            shared_grad = w @ self.grads
+            shared_grad = (w if shared_weights is None else shared_weights.to(self.grads)) @ self.grads
         total = (w * losses).sum()
         if self.mode == "rep":
             if shared_grad is None:
@@ -166,6 +229,17 @@ class GradContext:
             for p in touched:
                 if p.grad is not None:
                     _all_reduce_mean(p.grad)
+
+
+def _stacked_edges(losses: Tensor) -> list[GradientEdge | None] | None:
+    """The gradient edges of the scalar losses ``torch.stack`` put into ``losses`` (None for one that does
+    not require grad), or None when ``losses`` is not such a stack. Differentiating the edges one at a
+    time skips the other tasks' heads, which a one-hot ``grad_outputs`` on the stack would run with zeros."""
+    fn = losses.grad_fn
+    if fn is None or type(fn).__name__ != "StackBackward0" or losses.dim() != 1 \
+            or len(fn.next_functions) != losses.shape[0]:
+        return None
+    return [None if node is None else GradientEdge(node, nr) for node, nr in fn.next_functions]
 
 
 def _check_contract(model: nn.Module, mode: GradSource, weighting: str | None = None) -> None:

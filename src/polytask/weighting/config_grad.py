@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
 from polytask.weighting._common import GramianWeighting
+from polytask.weighting.base import GradContext
 
 
 def config_weights(m: np.ndarray, rtol: float) -> np.ndarray:
@@ -54,8 +54,10 @@ class ConFIG(GramianWeighting):
     """ConFIG: the direction equally aligned with every task gradient, scaled by their projections (Liu et al. 2024)."""
 
     method = "config"
+    gram_dtype = torch.float64
 
-    def weights(self, grads: Tensor) -> np.ndarray:
-        wide = grads.detach().double()
-        rtol = max(grads.shape) * torch.finfo(grads.dtype).eps
-        return config_weights((wide @ wide.T).cpu().numpy(), rtol)
+    def weights(self, m: np.ndarray, ctx: GradContext) -> np.ndarray:
+        dims = ctx.grads.shape[1] if ctx.grads is not None else ctx.shared_size
+        dtype = ctx.grads.dtype if ctx.grads is not None else ctx.shared[0].dtype
+        rtol = max(m.shape[0], dims) * torch.finfo(dtype).eps
+        return config_weights(m, rtol)

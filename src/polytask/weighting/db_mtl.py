@@ -17,6 +17,14 @@ parameters get the gradient of sum_t log L_t.
 
 Gradient source: shared parameters only (the average over steps needs a fixed coordinate
 system; a representation gradient changes meaning with every batch), as in LibMTL.
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/DB_MTL.py (commit 4336804, by
+the paper's authors): log(L + 1e-8), the buffer update g^ <- g + (beta / k^sigma)(g^ - g) from a
+zero buffer, alpha = max ||g^|| / (||g^_t|| + 1e-8), update sum_t alpha_t g^_t.
+tests/test_reference_libmtl.py runs four steps (buffer carried over, beta_sigma = 0.5) and
+compares the shared gradient with LibMTL's at every step.
+Deviations: none in the update. Task-specific parameters get the gradient of sum_t log L_t (in
+LibMTL they get it as a side effect of its per-task backward passes, the same sum).
 """
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ shared representation (cheaper).
 from __future__ import annotations
 
 import numpy as np
-from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._common import GramianWeighting, gram, project_to_dual_cone
+from polytask.weighting._common import GramianWeighting, project_to_dual_cone
+from polytask.weighting.base import GradContext
 
 
 def dualproj_weights(m: np.ndarray) -> np.ndarray:
@@ -42,5 +42,5 @@ class DualProj(GramianWeighting):
 
     method = "dualproj"
 
-    def weights(self, grads: Tensor) -> np.ndarray:
-        return dualproj_weights(gram(grads).numpy())
+    def weights(self, m: np.ndarray, ctx: GradContext) -> np.ndarray:
+        return dualproj_weights(m)

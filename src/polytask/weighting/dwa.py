@@ -5,6 +5,12 @@ with Attention"), Eq. 7:
 
 with L_k the mean training loss of task k over an epoch, temperature T (2 in the paper) and
 lambda_k = 1 for the first two epochs. The training loss is sum_k lambda_k L_k.
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/DWA.py (commit 4336804, adapted
+by its authors from the official lorenmt/mtan code): weights K softmax(w / T) with w the ratio of
+the last two epochs' mean training losses, and 1 for epochs 0 and 1 (``self.epoch > 1``). Same
+rule; tests/test_reference_libmtl.py compares the weights at epochs 0-3 with LibMTL's on a
+fixture. Deviations: none (our ratio clamps the denominator at 1e-12).
 """
 
 from __future__ import annotations

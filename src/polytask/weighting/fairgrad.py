@@ -13,6 +13,15 @@ gradient of sum_t L_t) and clipped to norm ``max_norm`` (1.0 there; 0 disables).
 
 Gradient source: shared parameters (``mode="params"``, default, as the paper);
 ``mode="rep"`` uses the shared representation.
+
+Checked against: the official OptMN-Lab/fairgrad methods/weight_methods.py (class FairGrad:
+``least_squares`` of G^T G x - x^{-1/alpha} from uniform weights with bounds (0, inf),
+``overwrite_grad`` multiplying by n_tasks, ``clip_grad_norm_`` to max_norm 1.0) and
+median-research-group/LibMTL LibMTL/weighting/FairGrad.py (commit 4336804, the same solve).
+tests/test_reference_libmtl.py runs LibMTL's solve for alpha 0.5, 1 and 2 and gets the same
+weights from ``fairgrad_weights``.
+Deviations: none from the official code. LibMTL differs from it (and us): it applies
+sum_t w_t g_t without the factor T and without clipping.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch import Tensor
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
 from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, gram, need_ctx
+from polytask.weighting._common import check_mode, need_ctx
 
 
 def fairgrad_weights(m: np.ndarray, alpha: float) -> np.ndarray:
@@ -59,9 +68,8 @@ class FairGrad(Weighting):
 
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("fairgrad", ctx)
-        grads = ctx.task_grads(losses)
-        w = torch.from_numpy(fairgrad_weights(gram(grads).numpy(), self.alpha)).to(grads)
-        ctx.apply(losses, None, self.num_tasks * (w @ grads))
+        w = torch.from_numpy(fairgrad_weights(ctx.gramian(losses).numpy(), self.alpha)).to(losses)
+        ctx.apply(losses, shared_weights=self.num_tasks * w)
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_(ctx.shared, self.max_norm)
         return w

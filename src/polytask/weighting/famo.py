@@ -12,8 +12,8 @@ After a step the logits move along the observed decrease of the log losses,
 
 which raises the weights of tasks that improved less than the weighted average. The logits
 have their own rule, so they are buffers (not trainable parameters); the Adam moments are
-buffers too (checkpointed with the weighting). ``lr`` = 0.025 and ``gamma`` = 0.001 are the
-defaults of the official code (as exposed in LibMTL); the minimum losses L* are 0.
+buffers too (checkpointed with the weighting). ``lr`` = 0.025 and ``gamma`` = 0.001 are
+LibMTL's defaults (the official famo.py: lr 0.025, gamma 0.01); the minimum losses L* are 0.
 
 Delayed update (documented deviation): the paper measures L(after) on the same batch after
 the optimiser step, which needs an extra forward pass the Trainer does not make. Our
@@ -21,6 +21,16 @@ the optimiser step, which needs an extra forward pass the Trainer does not make.
 of the current step (the model after the previous step, on the next batch), then weights the
 current losses. The first step only stores losses. This is the stochastic estimate of the
 same decrease, at no extra cost.
+
+Checked against: the official Cranial-XIX/FAMO famo.py (z = softmax(w), D = L - L* + 1e-8,
+c = sum(z / D) detached, loss sum(log D z / c); ``update`` takes the gradient of softmax(w) with
+grad_outputs delta and steps torch Adam with weight_decay gamma; the shared gradient is clipped to
+norm 1.0) and median-research-group/LibMTL LibMTL/weighting/FAMO.py (commit 4336804, the same code
+without the clipping). tests/test_reference_libmtl.py compares our weighted loss's gradient and
+four successive logit updates with LibMTL's run on fixed losses.
+Deviations: the delayed update above; gamma defaults to LibMTL's 0.001 (famo.py's default is 0.01,
+the copy in OptMN-Lab/fairgrad's weight_methods.py uses 1e-5); no gradient clipping (a trainer
+option here, not part of the weighting).
 """
 
 from __future__ import annotations

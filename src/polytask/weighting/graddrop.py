@@ -12,6 +12,15 @@ So each element keeps the gradients of one sign, positive with probability P. Th
 gradient of A is then back-propagated into the shared part. GradDrop is defined on
 activations, so only ``mode="rep"`` exists; task-specific parameters get the sum of the
 losses' gradients. U comes from a private generator seeded by ``seed``.
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/GradDrop.py (commit 4336804):
+the same batch-separated sign purity P (with 1e-7), the same mask and leak, applied to the
+representation gradient. tests/test_reference_libmtl.py runs it on fixed activations and
+per-task gradients, records its ``torch.rand_like`` draw U and gets the same gradient from
+``graddrop_gradient``. No code by the paper's authors was found.
+Deviations: U comes from our seeded generator. (The GradDrop in OptMN-Lab/fairgrad's
+weight_methods.py works on parameter gradients, without the sign(A) factor; we follow the
+paper's activation form, as LibMTL.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,18 @@ Gradient source: the paper takes W = "the last shared layer" to save compute. ``
 "params"`` (default) uses all shared parameters (exact, the general definition);
 ``mode="rep"`` uses the gradient w.r.t. the shared representation (the output of the last
 shared layer, LibMTL's ``rep_grad``). L_i(0) are the losses of the first step.
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/GradNorm.py (commit 4336804); no
+code by the paper's authors was found in the stored repositories. LibMTL's G_W^(i) =
+||w_i grad L_i||, the r_i^alpha target held constant, the L1 sum and the network update
+sum_i w_i g_i are the same as ours; tests/test_reference_libmtl.py feeds LibMTL's weights
+to polytask and checks the shared gradient and that LibMTL's gradient on its logits is our
+gradient on w through the softmax Jacobian.
+Deviations, all on purpose: LibMTL parametrises w = T softmax(p) (always positive, sums to T)
+where the paper learns w_i directly and renormalises after each step, as we do; LibMTL takes
+L_i(0) as the mean loss of the first epoch and runs EW during it, we take the losses of the first
+step (the paper's "initial loss"); our default gradient source is all shared parameters, not the
+last shared layer (the paper's cost-saving choice) nor LibMTL's representation option.
 """
 
 from __future__ import annotations

@@ -16,6 +16,14 @@ task-specific parameters get the gradient of the summed scaled losses (Algorithm
 
 Gradient source: the paper uses the gradients w.r.t. the shared feature z (``mode="rep"``,
 default); ``mode="params"`` uses the shared parameters (exact IMTL-G on the parameters).
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/IMTL.py (commit 4336804): the
+scaled losses e^s L - s (s = 0 at start, trained by the optimiser), D, U and alpha = g_1 U^T
+(D U^T)^{-1} on the gradients of the scaled losses, task-specific parts getting the sum of the
+scaled losses. tests/test_reference_libmtl.py checks alpha, the shared gradient and the gradient
+on s against LibMTL's output. No code by the paper's authors was found.
+Deviations: we solve alpha D U^T = g_1 U^T by least squares on the Gram matrix instead of
+inverting D U^T, so two parallel gradients give a finite answer instead of an error.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import Tensor, nn
 
 from polytask.registry import WEIGHTINGS
 from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, gram, need_ctx
+from polytask.weighting._common import check_mode, need_ctx
 
 
 def imtl_g_weights(m: Tensor) -> Tensor:
@@ -56,12 +64,15 @@ class IMTL(Weighting):
 
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("imtl", ctx)
+        scale = torch.ones_like(losses.detach())
         if self.log_scale is not None:
             s = self.log_scale.detach().to(losses)
-            grad_s = (torch.exp(s) * losses.detach() - 1.0).to(self.log_scale)   # d(e^s L - s)/ds
+            scale = torch.exp(s)
+            grad_s = (scale * losses.detach() - 1.0).to(self.log_scale)   # d(e^s L - s)/ds
             self.log_scale.grad = grad_s if self.log_scale.grad is None else self.log_scale.grad + grad_s
-            losses = torch.exp(s) * losses - s
-        grads = ctx.task_grads(losses)
-        alpha = imtl_g_weights(gram(grads)).to(grads)
-        ctx.apply(losses, None, alpha @ grads)
+        # the scaled losses e^s_t L_t - s_t have gradients e^s_t g_t: their Gram matrix is D M D, D = diag(e^s),
+        # taken from the raw losses (so the per-task passes start from each task's own loss)
+        d = scale.double().cpu()
+        alpha = imtl_g_weights(ctx.gramian(losses) * torch.outer(d, d)).to(losses)
+        ctx.apply(losses, scale, shared_weights=alpha * scale)
         return alpha

@@ -22,6 +22,17 @@ in the official training script.
 representation Z (all samples of the batch), an upper bound the paper uses in all its
 experiments; the resulting alpha-weighted update is exact for that alpha. ``mode="params"``
 takes them w.r.t. the shared parameters (the exact MGDA of Eq. 3).
+
+Checked against: isl-org/MultiObjectiveOptimization multi_task/min_norm_solvers.py
+(``MinNormSolver``: the 2-task closed form, Frank-Wolfe to 250 iterations, and
+``gradient_normalizers`` l2 / loss / loss+ / none) and multi_task/train_multi_task.py (the
+normalised gradients go to the solver; the step is then taken on sum_t alpha_t L_t with the raw
+losses), and median-research-group/LibMTL LibMTL/weighting/MGDA.py (commit 4336804, the same
+normalisers and solver). No fixture: our solver is exact and theirs stops at an iteration
+budget, so they agree only to the Frank-Wolfe tolerance (measured above).
+Deviations: the exact solve (above). LibMTL, in its parameter-gradient mode, applies alpha to
+the normalised gradients and gives the task-specific parameters the unweighted sum of the task
+gradients; we follow the official script (sum_t alpha_t L_t with the raw losses for both).
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
 from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_choice, check_mode, gram, min_norm_element, need_ctx
+from polytask.weighting._common import check_choice, check_mode, min_norm_element, need_ctx
 
 NORMALIZATIONS = ("loss+", "loss", "l2", "none")
 
@@ -58,8 +69,7 @@ class MGDA(Weighting):
 
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("mgda", ctx)
-        grads = ctx.task_grads(losses)
-        m = gram(grads)
+        m = ctx.gramian(losses)
         s = self.normalisers(losses, m)
         alpha = torch.from_numpy(min_norm_element((m / torch.outer(s, s)).numpy())).to(losses)
         ctx.apply(losses, alpha)

@@ -45,7 +45,7 @@ from torch import Tensor
 from polytask.errors import PolytaskError
 from polytask.registry import WEIGHTINGS
 from polytask.weighting.base import GradContext, Weighting
-from polytask.weighting._common import check_mode, gram, need_ctx
+from polytask.weighting._common import check_mode, need_ctx
 
 
 def _newton(m: np.ndarray, start: np.ndarray, max_iter: int, tol: float) -> np.ndarray | None:
@@ -113,7 +113,7 @@ class NashMTL(Weighting):
     def backward(self, losses: Tensor, ctx: GradContext | None = None) -> Tensor:
         ctx = need_ctx("nash-mtl", ctx)
         if int(self.step) % self.update_weights_every == 0:
-            solved = nash_weights(gram(ctx.task_grads(losses)).numpy(), self.alpha.numpy())
+            solved = nash_weights(ctx.gramian(losses).numpy(), self.alpha.numpy())
             if solved is not None:
                 self.alpha.copy_(torch.from_numpy(solved))
         self.step += 1

@@ -17,6 +17,15 @@ seen so far, warm-up included (the paper's estimate of the ideal point z*); "war
 official MTL code's choice, the transformed mean training loss of the last warm-up epoch
 (a nadir-like reference; with log=True, log(L_t / mean L_t)).
 The returned weights are those on l_t: T softmax((l - z)/mu) (ones during warm-up).
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/STCH.py (commit 4336804, adapted,
+its docstring says, from the official Xi-L/STCH STCH_MTL code): warm-up on sum_t log(L_t + 1e-20),
+then T mu log sum_t exp((log(L_t / n_t + 1e-20) - max) / mu) with n the mean training losses of
+the last warm-up epoch. tests/test_reference_libmtl.py gives polytask (``reference="warmup"``)
+LibMTL's nadir vector and compares the gradient w.r.t. the losses, warm-up included.
+Deviations: the default ideal point is the running minimum (``reference="min"``, above), not
+LibMTL's nadir; LibMTL warms up for ``STCH_warmup_epoch`` + 1 epochs (the nadir comes from the last
+of them), we for ``warmup_epochs``.
 """
 
 from __future__ import annotations

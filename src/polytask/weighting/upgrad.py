@@ -27,10 +27,10 @@ Gradient source: shared parameters (``mode="params"``, default, as the paper);
 from __future__ import annotations
 
 import numpy as np
-from torch import Tensor
 
 from polytask.registry import WEIGHTINGS
-from polytask.weighting._common import GramianWeighting, gram, project_to_dual_cone
+from polytask.weighting._common import GramianWeighting, project_to_dual_cone
+from polytask.weighting.base import GradContext
 
 
 def upgrad_weights(m: np.ndarray) -> np.ndarray:
@@ -45,5 +45,5 @@ class UPGrad(GramianWeighting):
 
     method = "upgrad"
 
-    def weights(self, grads: Tensor) -> np.ndarray:
-        return upgrad_weights(gram(grads).numpy())
+    def weights(self, m: np.ndarray, ctx: GradContext) -> np.ndarray:
+        return upgrad_weights(m)

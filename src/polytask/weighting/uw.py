@@ -7,6 +7,16 @@ learned log-variance s_t = log sigma_t^2 and the overall factor 2 dropped:
     L = sum_t  exp(-s_t) * L_t + s_t
 
 whose minimiser in s_t is s_t = log L_t: the learned variance tracks the loss scale.
+
+Checked against: median-research-group/LibMTL LibMTL/weighting/UW.py (commit 4336804), whose loss
+is sum_t L_t / (2 e^{s_t}) + s_t / 2 with s_t initialised to -0.5, and the ``Uncertainty`` baseline
+in OptMN-Lab/fairgrad methods/weight_methods.py (sum_t 0.5 (e^{-s_t} L_t + s_t), s_t = 0 at start).
+Both are exactly half of ours at the same s_t; tests/test_reference_libmtl.py checks that factor
+(loss, gradients w.r.t. the losses and w.r.t. s, and the reported weights) against LibMTL's output.
+Deviations: the overall factor 1/2 is dropped (stated above), so our weights e^{-s_t} and the
+gradient on s_t are twice LibMTL's; the minimiser s_t = log L_t is the same. We start from s = 0
+(weight 1, as EW; that baseline's start), LibMTL from s = -0.5 (weight 0.82); ``init``
+sets it.
 """
 
 from __future__ import annotations

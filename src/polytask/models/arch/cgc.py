@@ -5,6 +5,15 @@ Eq. 1-3:  y^k = t^k(g^k(x)),   g^k(x) = w^k(x) S^k(x),   w^k(x) = softmax(W^k_g 
           S^k(x) = [E_(k,1), ..., E_(k,m_k), E_(s,1), ..., E_(s,m_s)]
 Each task's gate mixes its own experts and the shared experts; experts sit on the backbone
 output. This is PLE with a single extraction level (see ``ple``).
+
+Checked against: median-research-group/LibMTL LibMTL/architecture/CGC.py (commit 4336804): per
+task a softmax gate (Linear on the input) over the concatenation of the shared experts and the
+task's own experts. Same computation: with LibMTL's weights loaded (gate rows reordered),
+polytask's CGC gives LibMTL's outputs (tests/test_reference_libmtl.py). No code by the paper's
+authors was found.
+Deviations: LibMTL concatenates [shared, task] experts; we follow Eq. 2's order [task, shared]
+(it only permutes the gate's outputs). Experts and gates read the backbone output h, not the raw
+input (see ``mmoe``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ paper's (alpha_S, alpha_D) = (0.9, 0.1) for two tasks); with one task it starts 
 Choices: one scalar per task pair and layer (shared across units, as in Eq. 1); no unit
 after the heads (the paper stitches up to fc7, not the task outputs); the paper's larger
 learning rate for alpha is not applied (one optimiser learning rate for all parameters).
+
+Checked against: median-research-group/LibMTL LibMTL/architecture/Cross_stitch.py (commit
+4336804): one scalar per (level, task i, task j), x~_i = sum_j alpha_ij x_j between the stages of
+per-task ResNet columns. Same unit. No code by the paper's authors was found.
+Deviations: LibMTL initialises every alpha to 1 (the columns start as sums of each other); we use
+the paper's (alpha_S, alpha_D) initialisation above. Its columns are ResNet stages stitched after
+the first three; ours are MLP layers, stitched after each of them (heads excluded).
 """
 
 from __future__ import annotations

@@ -18,6 +18,15 @@ so the Trainer's ordinary per-task loss is Eq. 3. Each tower's own conditional p
 The shared part is the backbone (the recsys embeddings) plus an optional shared ``bottom`` MLP
 (default [64], so raw dense inputs also have a shared part; ``bottom=[]`` shares the embedding
 only, as in the paper).
+
+Checked against: the authors' alibaba/x-deeplearning xdl-algorithm-solution/ESMM/script/esmm.py
+(shared embeddings concatenated; CTR and CVR towers 200-80-2 with PReLU; pCTCVR = pCTR x pCVR;
+loss = cross-entropy(pCTR, click) + cross-entropy(pCTCVR, buy) averaged over a batch of all
+impressions, with no loss on pCVR). Same model and loss.
+Deviations: each tower ends in one logit with a sigmoid instead of a two-way softmax (the same
+family of probabilities); towers default to [64, 32] with ReLU, not 200-80 with PReLU; an optional
+shared ``bottom`` MLP (``bottom=[]`` gives the authors' embedding-only sharing); the chain
+generalises the two steps to any number.
 """
 
 from __future__ import annotations

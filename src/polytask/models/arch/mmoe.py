@@ -3,6 +3,16 @@ Multi-task Learning with Multi-gate Mixture-of-Experts").
 
 Eq. 5-6:  f^k(x) = sum_i g^k(x)_i f_i(x),   g^k(x) = softmax(W_gk x),   y_k = h^k(f^k(x)).
 With ``num_gates=1`` every task shares one gate: the paper's OMoE baseline.
+
+Checked against: median-research-group/LibMTL LibMTL/architecture/MMoE.py (commit 4336804): one
+softmax gate per task, a Linear on the input, weighting the stacked expert outputs
+(einsum 'ij...,ji->j...'), shared part = the experts. Same equations: with LibMTL's weights
+loaded, polytask's MMoE gives LibMTL's outputs (tests/test_reference_libmtl.py). No code by the
+paper's authors was found (a search of the stored repositories by name found none).
+Deviations: the experts and gates sit on the backbone's output h (the embeddings or encoder
+every polytask model has), not on the raw input as in LibMTL, whose experts are whole encoders;
+with an identity/embedding backbone this is Eq. 5-6 as written. Experts are MLPs here, and the
+backbone counts as shared.
 """
 
 from __future__ import annotations

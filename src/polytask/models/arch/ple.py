@@ -6,6 +6,14 @@ Eq. 4-5 (levels j = 1..N, level 0 inputs = backbone output):
     g^{s,j}(x) = w^{s,j}(g^{s,j-1}(x)) S^{s,j}(x)      (shared: all experts; levels j < N only)
     y^k = t^k(g^{k,N}(x))
 Every level is a CGC block; ``num_levels=1`` is exactly ``cgc``.
+
+Checked against: median-research-group/LibMTL LibMTL/architecture/PLE.py (commit 4336804). No
+code by the paper's authors was found.
+Deviations, on purpose: LibMTL's PLE has no shared gate g^{s,j}: at each level it runs the shared
+experts on every task's previous output separately and mixes them into that task only, and its
+levels are the stages of a ResNet encoder. We follow Eq. 5: the shared experts of level j read
+the shared gate's output g^{s,j-1}, which mixes all tasks' and the shared experts, and levels are
+MLP experts on the backbone output. The task gates read the previous level's task output in both.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Hard parameter sharing (Caruana, 1997): one shared bottom, one tower per task.
 
     h = f_shared(backbone(x)),   y_t = tower_t(h)
+
+Checked against: median-research-group/LibMTL LibMTL/architecture/HPS.py (commit 4336804): one
+shared encoder, one decoder per task, shared part = the encoder. Same structure.
+Deviations: none (our shared part is the backbone plus the ``bottom`` MLP).
 """
 
 from __future__ import annotations
