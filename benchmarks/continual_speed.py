@@ -129,11 +129,7 @@ def _avalanche(work: str, strategy: str, seed: int) -> dict[str, Any]:
     bench = tensors_benchmark(train_tensors=[(d["x"], d["y"]) for d in data],
                               test_tensors=[(d["xt"], d["yt"]) for d in data], task_labels=[0] * len(data))
     torch.manual_seed(seed)
-    sizes = [data[0]["x"].shape[1], *w["hidden"]]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+    model = _mlp([data[0]["x"].shape[1], *w["hidden"]])
     common = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
               "criterion": nn.CrossEntropyLoss(), "train_mb_size": BATCH, "train_epochs": w["epochs"],
               "evaluator": EvaluationPlugin(loggers=[]), "device": "cpu"}
@@ -157,6 +153,16 @@ def _avalanche(work: str, strategy: str, seed: int) -> dict[str, Any]:
     return {"seconds": seconds, "accuracy": _final_accuracy(model, data, lambda m, x: m(x))}
 
 
+def _mlp(sizes: list[int]):
+    """The benchmark's network, built the same way on both sides: Linear + ReLU layers, then a 10-way output."""
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+
+
 def _torch_floor(work: str, seed: int) -> dict[str, Any]:
     """Fine-tuning as a bare PyTorch loop (tensor batches, no library): the floor both sides stand on."""
     import torch
@@ -164,11 +170,7 @@ def _torch_floor(work: str, seed: int) -> dict[str, Any]:
 
     w, data = WORKS[work], _data(work)
     torch.manual_seed(seed)
-    sizes = [data[0]["x"].shape[1], *w["hidden"]]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+    model = _mlp([data[0]["x"].shape[1], *w["hidden"]])
     seconds = []
     for d in data:
         start = CLOCK()

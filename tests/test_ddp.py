@@ -30,10 +30,15 @@ def _run(args: list[str]) -> None:
                                        ["ew", "-", "proportional", "accumulate=2,scheduler=cosine"]])
 def test_ddp_two_processes_match_one(tmp_path, weighting):
     """Gradient methods in params mode all-reduce the per-task gradient matrix before combining it."""
+    assert_two_processes_match_one(tmp_path, weighting)
+
+
+def assert_two_processes_match_one(tmp_path, args: list[str]) -> None:
+    """Train with the worker in 1 process and in 2 (torchrun, gloo); the weights must agree."""
     single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    _run([sys.executable, str(WORKER), str(single), *weighting])
+    _run([sys.executable, str(WORKER), str(single), *args])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", str(WORKER), str(double), *weighting])
+          f"--master_port={_free_port()}", str(WORKER), str(double), *args])
     a, b = load_file(str(single)), load_file(str(double))
     assert a.keys() == b.keys()
     for k in a:

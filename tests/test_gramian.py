@@ -4,7 +4,6 @@ method's update equal to the one from the explicit [T, D] matrix (today's path).
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from polytask.registry import WEIGHTINGS
 from polytask.weighting._gramian import GramianEngine, ghost_cost, layer_grads, linear_gramian
 from polytask.weighting.base import GradContext
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from test_ddp import WORKER, _free_port, _run  # noqa: E402
+from test_ddp import assert_two_processes_match_one
 
 SWITCHED = {"mgda": {"mode": "params", "normalization": "loss+"}, "pcgrad": {}, "cagrad": {},
             "imtl": {"mode": "params"}, "nash-mtl": {}, "aligned-mtl": {}, "fairgrad": {}, "upgrad": {},
@@ -151,16 +149,7 @@ def test_ddp_two_processes_match_one_on_the_gramian_path(tmp_path, weighting: li
     """1 process: ghost products; 2 processes: per-layer gradients averaged over ranks. Same weights.
     (tests/test_ddp.py runs pcgrad and cagrad, i.e. ``shared_weights``, on this path too; Nash-MTL
     gives every parameter alpha-weighted gradients and clips.)"""
-    from safetensors.torch import load_file
-
-    single, double = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    _run([sys.executable, str(WORKER), str(single), *weighting])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-          f"--master_port={_free_port()}", str(WORKER), str(double), *weighting])
-    a, b = load_file(str(single)), load_file(str(double))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert_two_processes_match_one(tmp_path, weighting)
 
 
 def test_imtl_on_raw_losses_equals_imtl_on_scaled_losses() -> None:

@@ -14,7 +14,7 @@ import pickle
 import struct
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -113,17 +113,23 @@ def wordnet_glosses(needed_by: str = "suite 'wordnet'") -> tuple[list[str], list
     """Every WordNet synset's definition (the gloss up to its first quoted example), part of
     speech (noun/verb/adj/adv) and lexicographer file name (e.g. ``noun.animal``)."""
     texts, pos, lex = [], [], []
+    for head, gloss in wordnet_records(needed_by):
+        fields = head.split(" ", 3)
+        texts.append(gloss.strip().split('; "')[0].strip())
+        pos.append(WORDNET_POS[fields[2]])
+        lex.append(WORDNET_LEXNAMES[int(fields[1])])
+    return texts, pos, lex
+
+
+def wordnet_records(needed_by: str) -> Iterator[tuple[str, str]]:
+    """(head, gloss) of every synset line of the four WordNet data files: the offset, lexicographer
+    file, part of speech, words and pointers before `` | ``, the gloss after it."""
     for path in wordnet_files(needed_by):
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("  "):  # licence header
-                    continue
-                head, _, gloss = line.partition(" | ")
-                fields = head.split(" ", 3)
-                texts.append(gloss.strip().split('; "')[0].strip())
-                pos.append(WORDNET_POS[fields[2]])
-                lex.append(WORDNET_LEXNAMES[int(fields[1])])
-    return texts, pos, lex
+                if not line.startswith("  "):  # licence header
+                    head, _, gloss = line.partition(" | ")
+                    yield head, gloss
 
 
 def fortunes(topics: Sequence[str], needed_by: str = "suite 'fortunes'") -> tuple[list[str], list[str]]:

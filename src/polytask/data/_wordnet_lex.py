@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from polytask.data._sources import WORDNET_DIR, WORDNET_LEXNAMES, WORDNET_POS, wordnet_files
+from polytask.data._sources import WORDNET_DIR, WORDNET_LEXNAMES, WORDNET_POS, wordnet_records
 from polytask.sources import system_file
 
 POS_FILES = ("noun", "verb", "adj", "adv")
@@ -50,21 +50,16 @@ def _lemma(word: str) -> str:
 def synsets(needed_by: str) -> tuple[Synset, ...]:
     """Every WordNet synset with its lemmas, definition, quoted usage examples and pointers."""
     out = []
-    for path in wordnet_files(needed_by):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("  "):  # licence header
-                    continue
-                head, _, gloss = line.partition(" | ")
-                fields = head.split()
-                n_words = int(fields[3], 16)
-                lemmas = tuple(_lemma(fields[4 + 2 * i]) for i in range(n_words))
-                at = 4 + 2 * n_words
-                gloss = gloss.strip()
-                examples = tuple(e.strip() for e in re.findall(r'"([^"]+)"', gloss))
-                out.append(Synset(int(fields[0]), WORDNET_POS[fields[2]], WORDNET_LEXNAMES[int(fields[1])], lemmas,
-                                  gloss.split('; "')[0].strip(), examples,
-                                  tuple(fields[at + 1: at + 1 + 4 * int(fields[at])])))
+    for head, gloss in wordnet_records(needed_by):
+        fields = head.split()
+        n_words = int(fields[3], 16)
+        lemmas = tuple(_lemma(fields[4 + 2 * i]) for i in range(n_words))
+        at = 4 + 2 * n_words
+        gloss = gloss.strip()
+        examples = tuple(e.strip() for e in re.findall(r'"([^"]+)"', gloss))
+        out.append(Synset(int(fields[0]), WORDNET_POS[fields[2]], WORDNET_LEXNAMES[int(fields[1])], lemmas,
+                          gloss.split('; "')[0].strip(), examples,
+                          tuple(fields[at + 1: at + 1 + 4 * int(fields[at])])))
     return tuple(out)
 
 
