@@ -219,6 +219,7 @@ class SparseTaskArithmetic(Merger):
 
     sign_consensus: bool = False
     lambda_grid = LAMBDA_GRID
+    copies_inputs = False  # deltas go into work buffers; the inputs are only read
 
     def __init__(self, lam: float, *, weights: Sequence[float] | None = None, normalize: bool = False,
                  merge_func: str = "mean") -> None:

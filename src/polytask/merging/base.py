@@ -19,7 +19,11 @@ the file stays open. :func:`merge_files` writes each merged tensor as soon as it
 (a ``.safetensors`` file, or a Hugging Face folder shard by shard) and renames the result into
 place at the end, so the merged model is never held whole. The in-memory :meth:`Merger.merge`
 runs the very same per-key computation (:meth:`Merger.merge_key` after :meth:`Merger.open`),
-so both give identical bits.
+so both give identical bits. Both take ``threads``: keys are merged by a pool of that many threads
+(torch kernels release the GIL), at most ``threads`` tensors ahead of the one being written, and
+the result does not depend on the thread count (each key's computation is independent of the others).
+A merger whose rule only reads its inputs sets :attr:`Merger.copies_inputs` to False and then gets
+the tensors of an in-memory state dict as they are, not copies.
 """
 
 from __future__ import annotations
@@ -28,16 +32,18 @@ import json
 import os
 import time
 import zlib
+from itertools import islice
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from polytask.errors import PolytaskError
 from polytask.io import SafetensorsWriter, atomic_path
-from polytask.merging.hf import open_inputs, polytask_version, write_folder
-from polytask.merging.taskvector import Checkpoint, ModelSource, compute_dtype, is_mergeable
+from polytask.merging.hf import open_inputs, polytask_version, shard_layout, write_folder
+from polytask.merging.taskvector import Checkpoint, DictCheckpoint, ModelSource, compute_dtype, is_mergeable
 from polytask.registry import MERGERS
 
 
@@ -78,6 +84,9 @@ class Merger:
     suite_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Per size class: (batches per task, None for all; batch size) of the data a benchmark hands over.
     data_sizes: ClassVar[Mapping[str, tuple[int | None, int]]] = {}
+    #: False when ``merge_models`` / ``merge_tensor`` never write into their input tensors: in-memory
+    #: inputs are then passed without copying.
+    copies_inputs: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -109,19 +118,60 @@ class Merger:
 
     def merge_key(self, key: str, base: Checkpoint, models: Sequence[Checkpoint]) -> Tensor:
         """The merged tensor ``key`` (in the base's dtype) of inputs returned by :meth:`open`."""
-        value = base.get(key)
-        if not is_mergeable(value.dtype):
-            return value
-        cd = compute_dtype(value.dtype)
-        return self.merge_models(key, value.to(cd), [m.get(key).to(cd) for m in models]).to(value.dtype)
+        def read(checkpoint: Checkpoint, key: str) -> Tensor:
+            return checkpoint.get(key) if self.copies_inputs else read_only(checkpoint, key)
 
-    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None) -> dict[str, Tensor]:
+        value = read(base, key)
+        if not is_mergeable(value.dtype):
+            return value if self.copies_inputs else value.clone()
+        cd = compute_dtype(value.dtype)
+        return self.merge_models(key, value.to(cd), [read(m, key).to(cd) for m in models]).to(value.dtype)
+
+    def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None, *,
+              threads: int = 1) -> dict[str, Tensor]:
         """Merge state dicts, files or folders tensor by tensor; returns the merged state dict.
 
-        ``data`` carries what :attr:`needs` names; a rule that needs nothing ignores it.
+        ``data`` carries what :attr:`needs` names; a rule that needs nothing ignores it. ``threads``: how
+        many keys are merged at once (same result for any value).
         """
         base_ck, models = self.open(base, finetuned, data)
-        return {key: self.merge_key(key, base_ck, models) for key in base_ck.keys()}
+        keys = base_ck.keys()
+        return dict(zip(keys, map_keys(lambda key: self.merge_key(key, base_ck, models), keys, threads)))
+
+
+def read_only(checkpoint: Checkpoint, key: str) -> Tensor:
+    """Tensor ``key`` of ``checkpoint`` without a copy where it is in memory (never write into it)."""
+    return checkpoint.tensors[key] if isinstance(checkpoint, DictCheckpoint) else checkpoint.get(key)
+
+
+def map_keys(fn: Callable[[str], Tensor], keys: Sequence[str], threads: int = 1) -> Iterator[Tensor]:
+    """``fn(key)`` for each key in order, computed by ``threads`` threads at most ``threads`` keys ahead."""
+    if int(threads) < 1:
+        raise PolytaskError(f"threads={threads} is below 1; pass threads=1 (one thread) or more")
+    if threads == 1:
+        yield from map(fn, keys)
+        return
+    with ThreadPoolExecutor(max_workers=int(threads)) as pool:
+        pending: list[Future[Tensor]] = []
+        for key in keys:
+            pending.append(pool.submit(fn, key))
+            if len(pending) > threads:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
+
+
+def prefetched(fn: Callable[[str], Tensor], order: Sequence[str], threads: int) -> Callable[[str], Tensor]:
+    """``fn`` for a caller that asks for the keys in ``order``, computed ahead by :func:`map_keys`; a key
+    asked for out of that order is computed on the spot (same result, no look-ahead)."""
+    results = zip(order, map_keys(fn, order, threads))
+    head: list[tuple[str, Tensor]] = []
+
+    def get(key: str) -> Tensor:
+        if not head:
+            head.extend(islice(results, 1))
+        return head.pop()[1] if head and head[0][0] == key else fn(key)
+    return get
 
 
 def tensor_generator(seed: int, name: str, index: int = 0) -> torch.Generator:
@@ -139,7 +189,7 @@ def is_folder_output(out: str | os.PathLike[str]) -> bool:
 def merge_files(method: str | Merger, base_path: ModelSource, finetuned_paths: Sequence[ModelSource],
                 out_path: str | os.PathLike[str], *, out_dtype: torch.dtype | None = None,
                 max_shard_size: int | str | None = None, overwrite: bool = False,
-                record: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+                record: Mapping[str, Any] | None = None, threads: int = 1, **options: Any) -> dict[str, Any]:
     """Merge models with the data-free ``method`` (a name and its ``options``, or a :class:`Merger`) and write
     ``out_path`` atomically (nothing there on error), one tensor at a time.
 
@@ -147,6 +197,7 @@ def merge_files(method: str | Merger, base_path: ModelSource, finetuned_paths: S
     :func:`is_folder_output` and :mod:`polytask.merging.hf`): shards like the base or of ``max_shard_size``,
     the base's config and tokenizer files, ``polytask_merge.yaml`` (``record`` plus method, options, inputs
     with sha256, version). ``out_dtype`` casts the floating-point tensors (default: the inputs' dtype).
+    ``threads`` tensors are merged at once (same output for any value; see :func:`map_keys`).
     Returns a summary: method, models, tensors, seconds, out.
     """
     start = time.perf_counter()
@@ -161,8 +212,13 @@ def merge_files(method: str | Merger, base_path: ModelSource, finetuned_paths: S
     keys = base_ck.keys()
     settings = options if isinstance(method, str) else {k: v for k, v in vars(merger).items() if not k.startswith("_")}
     info = {"method": name, "options": dict(settings), **(record or {}), "polytask_version": polytask_version()}
+    def merged(key: str) -> Tensor:
+        return merger.merge_key(key, base_ck, models)
+
     if is_folder_output(out_path):
-        write_folder(out_path, base_path, base_ck, lambda key: merger.merge_key(key, base_ck, models),
+        layout = [(key, *base_ck.meta(key)) for key in keys]
+        order = [key for _, entries in shard_layout(base_path, layout, max_shard_size) for key, _, _ in entries]
+        write_folder(out_path, base_path, base_ck, prefetched(merged, order, threads),
                      json.loads(json.dumps(info, default=str)), inputs=[base_path, *finetuned_paths],
                      out_dtype=out_dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     else:
@@ -176,7 +232,7 @@ def merge_files(method: str | Merger, base_path: ModelSource, finetuned_paths: S
         meta = {"format": "pt", "polytask_merger": name, "polytask_options": json.dumps(options, default=str)}
         with atomic_path(out_path) as tmp:
             with SafetensorsWriter(tmp, layout, metadata=meta) as writer:
-                for key, _, dtype in layout:
-                    writer.write(key, merger.merge_key(key, base_ck, models).to(dtype))
+                for (key, _, dtype), value in zip(layout, map_keys(merged, keys, threads)):
+                    writer.write(key, value.to(dtype))
     return {"method": name, "models": len(finetuned_paths), "tensors": len(keys),
             "seconds": time.perf_counter() - start, "out": str(out_path)}

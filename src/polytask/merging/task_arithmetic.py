@@ -23,7 +23,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from polytask.merging._sparse import SparseTaskArithmetic
+import torch
+from torch import Tensor
+
+from polytask.merging._sparse import SparseTaskArithmetic, per_model
 from polytask.registry import MERGERS
 
 
@@ -33,3 +36,19 @@ class TaskArithmetic(SparseTaskArithmetic):
 
     def __init__(self, *, lam: float = 0.3, weights: Sequence[float] | None = None, normalize: bool = False) -> None:
         super().__init__(lam, weights=weights, normalize=normalize)
+
+    def merge_models(self, name: str, base: Tensor, models: list[Tensor]) -> Tensor:
+        """The blocked path's operations on whole tensors (no sparsification: nothing needs blocks), same bits."""
+        weights = None if self.weights is None else per_model("weights", self.weights, len(models))
+        combined = torch.sub(models[0], base)
+        delta = torch.empty_like(base) if len(models) > 1 else combined
+        for t, m in enumerate(models):
+            step = combined if t == 0 else torch.sub(m, base, out=delta)
+            if weights is not None:
+                step.mul_(weights[t])
+            if t:
+                combined += step
+        divisor = sum(weights) if weights is not None else float(len(models))
+        if self.normalize and abs(divisor) >= 1e-8:
+            combined.div_(divisor)
+        return combined.mul_(self.lam).add_(base)
