@@ -335,6 +335,8 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         name = weighting if isinstance(weighting, str) else type(weighting).__name__
         self.ctx = GradContext(model, self.weighting.mode, weighting=name) if self.weighting.mode != "none" else None
+        # a loss-based rule with a scalar objective: backpropagated in one pass with any extra loss
+        self._one_pass = self.ctx is None and type(self.weighting).objective is not Weighting.objective
         self._check_weighting_hardware(name)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.config.precision == "fp16" else None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # built by fit (it needs the step count)
@@ -372,8 +374,7 @@ class Trainer:
 
     def _check_weighting_hardware(self, name: str) -> None:
         """fp16 and accumulation need a loss weighting backpropagated through its objective (one line otherwise)."""
-        one_pass = self.ctx is None and type(self.weighting).objective is not Weighting.objective
-        if self.config.precision == "fp16" and not one_pass:
+        if self.config.precision == "fp16" and not self._one_pass:
             raise PolytaskError(f"precision fp16 needs a loss weighting; {name!r} reads per-task gradients, which a "
                                 "GradScaler would scale: use precision bf16 (same range as fp32, no scaler)")
         exact = tuple(WEIGHTINGS.get(n) for n in ACCUMULATE_EXACT)
@@ -547,8 +548,8 @@ class Trainer:
         if share is not None:
             losses = losses * share.to(losses)
             extra = None if extra is None else extra * sample_share
-        if self.ctx is None and type(self.weighting).objective is not Weighting.objective:
-            total, weights = self.weighting.objective(losses)  # a loss-based rule: one backward pass with the extra loss
+        if self._one_pass:
+            total, weights = self.weighting.objective(losses)
             loss = total if extra is None else total + extra
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         else:

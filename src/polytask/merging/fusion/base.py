@@ -52,6 +52,14 @@ class Fuser:
         check_logits(base, experts, self.needs_base, type(self).__name__)
 
 
+class UniformFuser(Fuser):
+    """An output ensemble: every expert weighs 1/T on every sample; subclasses define :meth:`combine`."""
+
+    def weights(self, base: Tensor | None, experts: Tensor) -> Tensor:
+        self.check(base, experts)
+        return torch.full((*experts.shape[1:-1], experts.shape[0]), 1.0 / experts.shape[0], dtype=experts.dtype)
+
+
 def check_logits(base: Tensor | None, experts: Tensor, needs_base: bool, who: str) -> None:
     if experts.dim() < 2 or experts.shape[0] == 0:
         raise PolytaskError(f"{who} needs the logits of at least one expert stacked as [T, ..., classes], "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from polytask.merging.fusion.base import Fuser
+from polytask.merging.fusion.base import UniformFuser
 from polytask.registry import FUSERS
 
 
@@ -26,12 +26,8 @@ def mean_logits(experts: Tensor, weights: Tensor | None = None) -> Tensor:
 
 
 @FUSERS.register("logit-ensemble")
-class LogitEnsemble(Fuser):
+class LogitEnsemble(UniformFuser):
     """Output ensemble (the logit ensemble of Wortsman et al., ICML 2022): mean of the experts' logits."""
-
-    def weights(self, base: Tensor | None, experts: Tensor) -> Tensor:
-        self.check(base, experts)
-        return torch.full((*experts.shape[1:-1], experts.shape[0]), 1.0 / experts.shape[0], dtype=experts.dtype)
 
     def combine(self, base: Tensor | None, experts: Tensor, weights: Tensor) -> Tensor:
         self.check(base, experts)

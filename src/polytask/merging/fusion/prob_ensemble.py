@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from polytask.merging.fusion.base import Fuser
+from polytask.merging.fusion.base import UniformFuser
 from polytask.registry import FUSERS
 
 
@@ -30,12 +30,8 @@ def mean_probabilities(experts: Tensor, weights: Tensor | None = None) -> Tensor
 
 
 @FUSERS.register("prob-ensemble")
-class ProbEnsemble(Fuser):
+class ProbEnsemble(UniformFuser):
     """Output ensemble (Lakshminarayanan et al., NeurIPS 2017): mean of the experts' predicted probabilities."""
-
-    def weights(self, base: Tensor | None, experts: Tensor) -> Tensor:
-        self.check(base, experts)
-        return torch.full((*experts.shape[1:-1], experts.shape[0]), 1.0 / experts.shape[0], dtype=experts.dtype)
 
     def combine(self, base: Tensor | None, experts: Tensor, weights: Tensor) -> Tensor:
         self.check(base, experts)
