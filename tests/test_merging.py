@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -103,6 +104,30 @@ def test_streaming_radix_selection_equals_kthvalue_of_the_concatenation(dtype):
         assert got[t] == float(flat.kthvalue(flat.numel() - k + 1).values)
 
 
+@pytest.mark.parametrize("case", ["continuous", "tied zeros", "bf16", "bracket missed"])
+def test_global_thresholds_in_one_pass_equal_kthvalue_of_the_whole_task_vector(case, monkeypatch):
+    from polytask.merging import _sparse
+    from polytask.merging.taskvector import DictCheckpoint
+
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    base = {"a": torch.randn(300, 200, generator=g), "b": torch.randn(4000, generator=g), "n": torch.arange(5)}
+    fts = [{k: (v + 0.01 * (t + 1) * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+            for k, v in base.items()} for t in range(3)]
+    if case == "tied zeros":  # most entries untouched: the threshold falls among tied zeros
+        fts[0]["a"] = base["a"].clone()
+    base = {k: v.to(dtype) if v.is_floating_point() else v for k, v in base.items()}
+    fts = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()} for sd in fts]
+    if case == "bracket missed":  # a bracket that cannot hold the threshold: the radix pass answers
+        monkeypatch.setattr(_sparse, "_sample_brackets", lambda *a: [(0.0, 1e-9)] * len(a[1]))
+    densities = [0.5 if case == "tied zeros" else 0.2, 0.2, 0.013]
+    plans = _sparse.global_magnitude_plans(DictCheckpoint(base), [DictCheckpoint(sd) for sd in fts], densities)
+    for t, d in enumerate(densities):
+        flat = torch.cat([(fts[t][k].float() - base[k].float()).abs().reshape(-1) for k in ("a", "b")])
+        k = round(d * flat.numel())
+        assert plans[t] == (float(flat.kthvalue(flat.numel() - k + 1).values), None)
+
+
 def test_task_arithmetic_hand_case():
     base, fts = _models([1.0, 2.0], [0.5, -1.0], [1.0, 1.0])
     merged = MERGERS.create("task-arithmetic", lam=0.5).merge(base, fts)["w"]
@@ -145,6 +170,19 @@ def test_dare_is_unbiased_and_drops_at_rate_p():
     again = MERGERS.create("dare", density=0.1, lam=1.0, seed=3).merge({"w": torch.zeros(100_000)},
                                                                  [{"w": torch.ones(100_000)}])["w"]
     assert torch.equal(big, again)
+
+
+def test_dare_mask_is_counter_based_same_for_any_blocks_distinct_per_key():
+    from polytask.merging.dare import keep_mask, philox_key
+
+    key = philox_key(3, "layer.weight", 1)
+    whole = keep_mask(key, 0, 70_001, 0.9)
+    cuts = [0, 5, 8, 65_536, 65_541, 70_001]  # unaligned and aligned block edges
+    assert np.array_equal(whole, np.concatenate([keep_mask(key, a, b - a, 0.9) for a, b in zip(cuts, cuts[1:])]))
+    assert abs(whole.mean() - 0.1) < 0.005
+    others = [philox_key(4, "layer.weight", 1), philox_key(3, "layer.bias", 1), philox_key(3, "layer.weight", 2)]
+    for other in others:  # another seed, tensor or model: an unrelated mask (agreement at chance, 0.82)
+        assert abs(float((keep_mask(other, 0, 70_001, 0.9) == whole).mean()) - 0.82) < 0.01
 
 
 def test_dare_with_ties_uses_sign_election():
@@ -401,7 +439,7 @@ def test_selection_threshold_equals_kthvalue_and_leaves_a_permutation():
 def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) -> dict:
     """Whole-tensor TIES/DARE/Breadcrumbs as written in the papers: kthvalue thresholds, bool masks, a
     Bernoulli draw of the full tensor, sign election and disjoint mean summed from zeros."""
-    from polytask.merging.base import tensor_generator
+    from polytask.merging.dare import keep_mask, philox_key
 
     def trim(d, drop_bottom, drop_top):
         n = d.numel()
@@ -433,8 +471,9 @@ def _reference_merge(method: str, options: dict, base: dict, fts: list[dict]) ->
                       for d in deltas]
         else:
             p = 1 - options["density"]
-            deltas = [d.mul_(torch.rand(d.shape, generator=tensor_generator(options["seed"], key, i), dtype=d.dtype) >= p)
-                      .div_(1.0 - p) for i, d in enumerate(deltas)]
+            masks = [torch.from_numpy(keep_mask(philox_key(options["seed"], key, i), 0, n, p)).view(b.shape)
+                     for i in range(len(deltas))]  # the whole tensor's mask in one draw
+            deltas = [d.mul_(m).div_(1.0 - p) for d, m in zip(deltas, masks)]
         if method == "ties" or options.get("ties"):
             elected = torch.zeros_like(b)
             for d in deltas:

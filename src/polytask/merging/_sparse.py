@@ -24,7 +24,7 @@ the same). A threshold over a whole task vector (TIES' default) comes from :func
 an exact radix selection over the bit patterns of |τ| that streams the tensors (two passes for
 float32, a 65,536-bin histogram per model, no task vector held). The block arithmetic reproduces
 the straightforward definitions bit for bit: masking ``τ ⊙ [|τ| ≥ t]`` is
-``copysign(threshold(|τ|, t⁻, 0), τ)`` with t⁻ the float just below t (same values and signed
+``τ ⊙ sign(threshold(|τ|, t⁻, 0))`` with t⁻ the float just below t (same values and signed
 zeros), and the disjoint sum Σ_t τ̂_t [τ̂_t γ > 0] is γ · Σ_t relu(τ̂_t γ) for γ ∈ {−1, 0, 1}
 (same additions in the same order; rounding is sign-symmetric).
 """
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polytask.errors import PolytaskError
-from polytask.merging.base import Merger
+from polytask.merging.base import Merger, read_only
 from polytask.merging.taskvector import Checkpoint, compute_dtype, is_mergeable
 
 #: Entries per model per block: a [T, BLOCK] float32 buffer for T = 8 models is 2 MB (cache-sized).
@@ -148,7 +148,7 @@ def keep_magnitudes(delta: Tensor, scratch: Tensor, low: float | None, high: flo
         F.threshold_(mag, _below(low, delta.dtype), 0.0)
     if high is not None:
         mag.sub_(torch.threshold(mag, high, 0.0))  # |δ| > high -> |δ| - |δ| = 0, else |δ| - 0
-    return torch.copysign(mag, delta, out=delta)
+    return delta.mul_(mag.sign_())  # |δ| or 0 -> 1 or 0
 
 
 #: A magnitude plan that zeroes the whole tensor.
@@ -170,26 +170,119 @@ def magnitude_plan(base: Tensor, model: Tensor, scratch: Tensor, drop_bottom: in
     return (values[0] if drop_bottom else None, values[-1] if drop_top else None)
 
 
+#: Entries of |τ_t| sampled per model to bracket a whole-vector threshold (:func:`global_magnitude_plans`).
+SAMPLE = 1 << 18
+#: Largest fraction of a task vector's entries the bracket may hold before falling back to radix selection.
+MAX_CANDIDATES = 0.05
+
+
 def global_magnitude_plans(base: Checkpoint, models: Sequence[Checkpoint], densities: Sequence[float]) -> list[MagnitudePlan]:
     """Per model, the plan keeping the round(density · n) largest |τ_t| entries of its whole task vector
-    (every floating-point tensor, n entries in all; ties with the threshold kept), found by streaming."""
+    (every floating-point tensor, n entries in all; ties with the threshold kept), found by streaming.
+
+    One pass over the inputs: a stratified random sample of :data:`SAMPLE` entries per model brackets
+    the threshold, [lo, hi], wide enough (±6 standard errors of the sample quantile) that it holds the
+    k-th largest entry; the pass then counts the entries above ``hi`` and keeps those within the
+    bracket, and an exact selection among them gives the threshold. The count proves the bracket:
+    where it missed (or would hold more than :data:`MAX_CANDIDATES` of the entries, e.g. many tied
+    zeros), that model's threshold comes from :func:`kth_largest_streaming` instead. Exact either way.
+    """
     keys = [k for k in base.keys() if is_mergeable(base.meta(k)[1])]
-    total = sum(int(np.prod(base.meta(k)[0], dtype=np.int64)) for k in keys)
+    sizes = [int(np.prod(base.meta(k)[0], dtype=np.int64)) for k in keys]
+    total = sum(sizes)
     keep = [round(d * total) for d in densities]
     plans: list[MagnitudePlan] = [ZERO if k == 0 else None for k in keep]
     todo = [t for t, k in enumerate(keep) if 0 < k < total]
     if not todo:
         return plans
     dtype = torch.float64 if any(compute_dtype(base.meta(k)[1]) == torch.float64 for k in keys) else torch.float32
+    brackets = _sample_brackets(base, [models[t] for t in todo], [keep[t] for t in todo], keys, sizes, dtype)
+    found = _bracketed_pass(base, [models[t] for t in todo], [keep[t] for t in todo], brackets, keys, dtype,
+                            cap=int(MAX_CANDIDATES * total))
+    missed = [i for i, v in enumerate(found) if v is None]
+    if missed:
+        def chunks() -> Iterable[list[Tensor]]:
+            for key in keys:
+                b = base.get(key).to(dtype).reshape(-1)
+                yield [abs_delta(models[todo[i]].get(key).to(dtype).reshape(-1), b, torch.empty_like(b)) for i in missed]
 
-    def chunks() -> Iterable[list[Tensor]]:
-        for key in keys:
-            b = base.get(key).to(dtype).reshape(-1)
-            yield [abs_delta(models[t].get(key).to(dtype).reshape(-1), b, torch.empty_like(b)) for t in todo]
-
-    for t, value in zip(todo, kth_largest_streaming(chunks, [keep[t] for t in todo], dtype)):
-        plans[t] = (value, None)
+        for i, value in zip(missed, kth_largest_streaming(chunks, [keep[todo[i]] for i in missed], dtype)):
+            found[i] = value
+    for i, t in enumerate(todo):
+        plans[t] = (found[i], None)
     return plans
+
+
+def _sample_brackets(base: Checkpoint, models: Sequence[Checkpoint], keep: Sequence[int], keys: Sequence[str],
+                     sizes: Sequence[int], dtype: torch.dtype) -> list[tuple[float, float] | None]:
+    """Per model, [lo, hi] that holds its keep-th largest |τ| with overwhelming probability (None: no bracket
+    worth taking), from |τ| at the same stratified random positions of every model (seeded: reproducible)."""
+    total = sum(sizes)
+    generator = torch.Generator().manual_seed(0)
+    picks = []
+    for key, size in zip(keys, sizes):
+        count = min(size, max(1, round(SAMPLE * size / total)))
+        picks.append(torch.randint(size, (count,), generator=generator) if size else torch.empty(0, dtype=torch.long))
+    samples = [[] for _ in models]
+    for key, idx in zip(keys, picks):
+        b = read_only(base, key).reshape(-1)[idx].to(dtype)
+        for t, model in enumerate(models):
+            samples[t].append(read_only(model, key).reshape(-1)[idx].to(dtype).sub_(b).abs_())
+    brackets: list[tuple[float, float] | None] = []
+    for t, k in enumerate(keep):
+        values = torch.cat(samples[t]).numpy()
+        m, q = values.size, k / total
+        margin = 6.0 * float(np.sqrt(q * (1.0 - q) / m)) + 2.0 / m
+        if 2.0 * margin > MAX_CANDIDATES:
+            brackets.append(None)
+            continue
+        top, bottom = int(np.floor((q - margin) * m)), int(np.ceil((q + margin) * m))  # ranks, largest first
+        ranks = [m - r for r in (top, bottom) if 1 <= r <= m]  # 0-based ascending positions
+        values.partition(ranks)
+        hi = float(values[m - top]) if 1 <= top <= m else float("inf")
+        lo = float(values[m - bottom]) if 1 <= bottom <= m else 0.0
+        brackets.append((lo, hi))
+    return brackets
+
+
+def _bracketed_pass(base: Checkpoint, models: Sequence[Checkpoint], keep: Sequence[int],
+                    brackets: Sequence[tuple[float, float] | None], keys: Sequence[str], dtype: torch.dtype,
+                    cap: int) -> list[float | None]:
+    """One streaming pass: per model, the keep-th largest |τ| if it lies within its bracket (else None)."""
+    n = len(models)
+    above = [0] * n
+    inside: list[list[np.ndarray] | None] = [[] if b is not None else None for b in brackets]
+    held = [0] * n
+    work = torch.empty(BLOCK, dtype=dtype)
+    base_block = torch.empty(BLOCK, dtype=dtype)
+    for key in keys:
+        b = read_only(base, key).reshape(-1)
+        flats = [read_only(model, key).reshape(-1) if inside[t] is not None else None for t, model in enumerate(models)]
+        for start in range(0, b.numel(), BLOCK):
+            stop = min(start + BLOCK, b.numel())
+            bb = base_block[:stop - start].copy_(b[start:stop])
+            for t, flat in enumerate(flats):
+                if flat is None or inside[t] is None:
+                    continue
+                lo, hi = brackets[t]
+                mag = torch.sub(flat[start:stop], bb, out=work[:stop - start]).abs_().numpy()
+                above[t] += int(np.count_nonzero(mag > hi))  # numpy: its comparisons are ~6x torch's here
+                within = mag[(mag >= lo) & (mag <= hi)]
+                held[t] += within.size
+                if held[t] > cap:
+                    inside[t] = None  # the bracket holds too many entries (ties): radix selection instead
+                else:
+                    inside[t].append(within)
+    found: list[float | None] = []
+    for t in range(n):
+        rank = keep[t] - above[t]  # the threshold's rank among the bracketed entries, largest first
+        if inside[t] is None or not 0 < rank <= held[t]:
+            found.append(None)
+            continue
+        values = np.concatenate(inside[t])
+        values.partition(held[t] - rank)
+        found.append(float(values[held[t] - rank]))
+    return found
 
 
 def apply_magnitude_plan(plan: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
@@ -198,19 +291,6 @@ def apply_magnitude_plan(plan: MagnitudePlan, delta: Tensor, scratch: Tensor) ->
         delta.zero_()
     elif plan is not None:
         keep_magnitudes(delta, scratch, *plan)
-
-
-def drop_and_rescale(delta: Tensor, p: float, generator: torch.Generator, scratch: Tensor, rescale: bool = True) -> None:
-    """DARE: drop each entry with probability ``p`` (uniform draw < p), multiply the survivors by 1/(1−p)
-    (unless not ``rescale``; in place). Blocks drawn one after another from one generator get the draws
-    of the whole tensor."""
-    if p == 0.0:
-        return
-    draws = torch.rand(delta.shape, generator=generator, dtype=delta.dtype, out=scratch)
-    keep = F.threshold_(draws, _below(p, delta.dtype), 0.0).sign_()  # 1.0 where draw >= p, else 0.0
-    delta.mul_(keep)
-    if rescale:
-        delta.div_(1.0 - p)
 
 
 class SparseTaskArithmetic(Merger):
@@ -237,8 +317,9 @@ class SparseTaskArithmetic(Merger):
         thresholds); ``scratch`` is a work buffer of the tensor's size."""
         return None
 
-    def sparsify(self, state: Any, delta: Tensor, scratch: Tensor) -> None:
-        """Sparsify one block of a task vector in place (``scratch``: a work buffer of its size)."""
+    def sparsify(self, state: Any, delta: Tensor, scratch: Tensor, start: int) -> None:
+        """Sparsify one block of a task vector in place: its entries ``start`` onwards of the flat tensor
+        (``scratch``: a work buffer of the block's size)."""
 
     def merge_models(self, name: str, base: Tensor, models: list[Tensor]) -> Tensor:
         flat_base = base.reshape(-1)
@@ -259,7 +340,7 @@ class SparseTaskArithmetic(Merger):
             b = flat_base[start:stop]
             for t, m in enumerate(flats):
                 torch.sub(m[start:stop], b, out=deltas[t])
-                self.sparsify(states[t], deltas[t], scratch[:c])
+                self.sparsify(states[t], deltas[t], scratch[:c], start)
                 if weights is not None:
                     deltas[t].mul_(weights[t])
             if self.sign_consensus:

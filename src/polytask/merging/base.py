@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -172,11 +171,6 @@ def prefetched(fn: Callable[[str], Tensor], order: Sequence[str], threads: int) 
             head.extend(islice(results, 1))
         return head.pop()[1] if head and head[0][0] == key else fn(key)
     return get
-
-
-def tensor_generator(seed: int, name: str, index: int = 0) -> torch.Generator:
-    """A generator seeded by (seed, tensor name, model index): the same draws whatever the key order."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()) * 131 + index) % 2**63)
 
 
 def is_folder_output(out: str | os.PathLike[str]) -> bool:

@@ -69,5 +69,5 @@ class Breadcrumbs(SparseTaskArithmetic):
         gamma = max(0.0, 1.0 - density - beta)  # the fraction of smallest magnitudes dropped
         return magnitude_plan(base, model, scratch, round(gamma * n), round(beta * n))
 
-    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
+    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor, start: int) -> None:
         apply_magnitude_plan(state, delta, scratch)

@@ -72,5 +72,5 @@ class Ties(SparseTaskArithmetic):
         n = base.numel()
         return magnitude_plan(base, model, scratch, n - round(pick(self.density, index) * n), 0)
 
-    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor) -> None:
+    def sparsify(self, state: MagnitudePlan, delta: Tensor, scratch: Tensor, start: int) -> None:
         apply_magnitude_plan(state, delta, scratch)
