@@ -88,3 +88,26 @@ def test_threads_below_one_is_one_line():
     base, fts = _inputs()
     with pytest.raises(PolytaskError, match="threads=0 is below 1"):
         MERGERS.create("average").merge(base, fts, threads=0)
+
+
+def test_cli_threads_flag_gives_the_same_file_and_refuses_zero(tmp_path):
+    from typer.testing import CliRunner
+
+    from polytask.cli import app
+
+    base, fts = _inputs()
+    paths = []
+    for i, sd in enumerate([base, *fts]):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(sd, paths[-1])
+    outs = []
+    for threads in ("1", "2"):
+        outs.append(tmp_path / f"out{threads}.safetensors")
+        result = CliRunner().invoke(app, ["merge", "--base", paths[0], "--method", "ties", "--threads", threads,
+                                          "--out", str(outs[-1]), *paths[1:]])
+        assert result.exit_code == 0, result.output
+    one, two = (load_file(o) for o in outs)
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    bad = CliRunner().invoke(app, ["merge", "--base", paths[0], "--threads", "0", "--out", str(tmp_path / "x.safetensors"),
+                                   *paths[1:]])
+    assert bad.exit_code == 2 and "--threads" in bad.output and not (tmp_path / "x.safetensors").exists()

@@ -172,6 +172,20 @@ def test_dare_is_unbiased_and_drops_at_rate_p():
     assert torch.equal(big, again)
 
 
+@pytest.mark.parametrize("method,options", [("average", {}), ("average", {"weights": [1.0, 2.0, 0.5]}),
+                                            ("task-arithmetic", {}), ("ties", {}), ("ties", {"trim": "tensor"}),
+                                            ("dare", {"density": 0.5}), ("breadcrumbs", {})])
+def test_bf16_inputs_merged_in_their_own_dtype_equal_converting_them_first(method, options):
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(64, 33, generator=g), "b": torch.randn(33, generator=g)}
+    fts = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    low = [{k: v.bfloat16() for k, v in sd.items()} for sd in [base, *fts]]
+    got = MERGERS.create(method, **options).merge(low[0], low[1:])
+    wide = MERGERS.create(method, **options).merge({k: v.float() for k, v in low[0].items()},
+                                                   [{k: v.float() for k, v in sd.items()} for sd in low[1:]])
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], wide[k].bfloat16()) for k in base)
+
+
 def test_dare_mask_is_counter_based_same_for_any_blocks_distinct_per_key():
     from polytask.merging.dare import keep_mask, philox_key
 

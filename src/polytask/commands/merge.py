@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         max_shard_size: Optional[str] = typer.Option(None, help="folder output: shards of at most this size, e.g. 5GB "
                                                                 "(default: the base's shards)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+        threads: int = typer.Option(1, min=1, help="tensors merged at once, one torch thread each (same output for any "
+                                                   "value; the file writes already run beside the arithmetic)"),
     ) -> None:
         """Merge fine-tuned models tensor by tensor (TIES, DARE, task arithmetic, ...) without training."""
         from polytask.commands._common import console, parse_options
@@ -42,12 +44,12 @@ def register(app: typer.Typer) -> None:
                 raise PolytaskError(f"--config names the models, base and parameters; drop {', '.join(given)}")
             plan = load_merge_config(config)
             summary = merge_files(plan.merger, plan.base, plan.models, out, out_dtype=plan.out_dtype,
-                                  max_shard_size=max_shard_size, overwrite=overwrite,
+                                  max_shard_size=max_shard_size, overwrite=overwrite, threads=threads,
                                   record={"method": plan.method, "config": plan.config})
         else:
             if base is None or not models:
                 raise PolytaskError("pass --base BASE and the fine-tuned MODELS, or --config merge.yml")
             summary = merge_files(method, base, models, out, max_shard_size=max_shard_size, overwrite=overwrite,
-                                  **parse_options(option, "--option"))
+                                  threads=threads, **parse_options(option, "--option"))
         console.print(f"merged {summary['models']} models with {summary['method']}: {summary['tensors']} tensors "
                       f"in {summary['seconds']:.2f} s -> {out}", highlight=False)

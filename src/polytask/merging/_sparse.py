@@ -300,6 +300,7 @@ class SparseTaskArithmetic(Merger):
     sign_consensus: bool = False
     lambda_grid = LAMBDA_GRID
     copies_inputs = False  # deltas go into work buffers; the inputs are only read
+    stored_dtype_inputs = True  # θ_t − θ_0 promotes a bf16/fp16 θ_t to the base's compute dtype, block by block
 
     def __init__(self, lam: float, *, weights: Sequence[float] | None = None, normalize: bool = False,
                  merge_func: str = "mean") -> None:

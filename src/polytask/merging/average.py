@@ -35,6 +35,7 @@ class Average(Merger):
     """Weight averaging / uniform model soup (Wortsman et al., ICML 2022): θ = mean of the fine-tuned weights."""
 
     copies_inputs = False
+    stored_dtype_inputs = True
 
     def __init__(self, *, weights: Sequence[float] | None = None, normalize: bool = True) -> None:
         self.weights = None if weights is None else [float(w) for w in weights]
@@ -45,13 +46,17 @@ class Average(Merger):
         if len(weights) != len(models):
             raise PolytaskError(f"option weights has {len(weights)} values but {len(models)} models are merged; "
                                 f"pass one weight per model")
+        dtype = base.dtype
         if self.normalize and all(w > 0 for w in weights):
-            mean, seen = models[0].clone(), weights[0]
-            for w, m in zip(weights[1:], models[1:]):
+            if len(models) == 1:
+                return models[0].to(dtype, copy=True)
+            seen = weights[0] + weights[1]  # the first step reads both inputs (no copy of the first)
+            mean = torch.lerp(models[0].to(dtype), models[1].to(dtype), weights[1] / seen)
+            for w, m in zip(weights[2:], models[2:]):
                 seen += w
-                mean.lerp_(m, w / seen)
+                mean.lerp_(m.to(dtype), w / seen)  # one converted copy at a time (bf16/fp16 inputs)
             return mean
-        total = torch.zeros_like(models[0])
+        total = torch.zeros_like(base)
         for w, m in zip(weights, models):
             total.add_(m) if self.weights is None else total.add_(m, alpha=w)
         if not self.normalize:

@@ -86,6 +86,9 @@ class Merger:
     #: False when ``merge_models`` / ``merge_tensor`` never write into their input tensors: in-memory
     #: inputs are then passed without copying.
     copies_inputs: ClassVar[bool] = True
+    #: True when ``merge_models`` takes the fine-tuned tensors in their stored dtype (e.g. bf16) and
+    #: computes in the base's compute dtype itself (per block or per model): no N converted copies held.
+    stored_dtype_inputs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,7 +127,10 @@ class Merger:
         if not is_mergeable(value.dtype):
             return value if self.copies_inputs else value.clone()
         cd = compute_dtype(value.dtype)
-        return self.merge_models(key, value.to(cd), [read(m, key).to(cd) for m in models]).to(value.dtype)
+        inputs = [read(m, key) for m in models]
+        if not self.stored_dtype_inputs:
+            inputs = [x.to(cd) for x in inputs]
+        return self.merge_models(key, value.to(cd), inputs).to(value.dtype)
 
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None, *,
               threads: int = 1) -> dict[str, Tensor]:
