@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,8 +86,6 @@ class SafetensorsWriter:
 
     The file is the format ``safetensors.torch.save_file`` writes (8-byte header length, JSON header
     padded with spaces to 8 bytes, the tensors' bytes back to back); write it into a temporary path.
-    Each tensor's bytes go to the file from a second thread while the caller computes the next one
-    (the write releases the GIL), at most one write in flight: don't modify a tensor once written.
     """
 
     def __init__(self, path: str | os.PathLike[str], layout: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -106,8 +103,6 @@ class SafetensorsWriter:
         self._file = open(path, "wb")
         self._file.write(len(raw).to_bytes(8, "little") + raw)
         self._next = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
-        self._pending: Future[Any] | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append tensor ``name``, which must be the next one of the layout, with its shape and dtype."""
@@ -115,25 +110,14 @@ class SafetensorsWriter:
         if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"expected tensor {want!r} {shape} {dtype}, got {name!r} {tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._wait()
         if size:
-            self._pending = self._pool.submit(
-                self._file.write, data.view(torch.uint8).numpy().data if data.dtype != torch.bool else data.numpy().tobytes())
+            self._file.write(data.view(torch.uint8).numpy().data if data.dtype != torch.bool else data.numpy().tobytes())
         self._next += 1
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
 
     def close(self) -> None:
         """Finish the file (every tensor of the layout must have been written)."""
         missing = len(self._expect) - self._next
-        try:
-            self._wait()
-        finally:
-            self._pool.shutdown()
-            self._file.close()
+        self._file.close()
         if missing:
             raise ValueError(f"{missing} tensors of the layout were not written")
 
@@ -144,7 +128,6 @@ class SafetensorsWriter:
         if kind is None:
             self.close()
         else:
-            self._pool.shutdown()
             self._file.close()
 
 

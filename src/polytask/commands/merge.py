@@ -29,8 +29,7 @@ def register(app: typer.Typer) -> None:
         max_shard_size: Optional[str] = typer.Option(None, help="folder output: shards of at most this size, e.g. 5GB "
                                                                 "(default: the base's shards)"),
         overwrite: bool = typer.Option(False, help="replace an existing output folder"),
-        threads: int = typer.Option(1, min=1, help="tensors merged at once, one torch thread each (same output for any "
-                                                   "value; the file writes already run beside the arithmetic)"),
+        threads: int = typer.Option(1, min=1, help="tensors merged at once, one torch thread each (same output for any value)"),
     ) -> None:
         """Merge fine-tuned models tensor by tensor (TIES, DARE, task arithmetic, ...) without training."""
         from polytask.commands._common import console, parse_options

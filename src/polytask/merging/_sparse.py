@@ -228,6 +228,8 @@ def _sample_brackets(base: Checkpoint, models: Sequence[Checkpoint], keep: Seque
         b = read_only(base, key).reshape(-1)[idx].to(dtype)
         for t, model in enumerate(models):
             samples[t].append(read_only(model, key).reshape(-1)[idx].to(dtype).sub_(b).abs_())
+            model.release(key)
+        base.release(key)
     brackets: list[tuple[float, float] | None] = []
     for t, k in enumerate(keep):
         values = torch.cat(samples[t]).numpy()
@@ -273,6 +275,8 @@ def _bracketed_pass(base: Checkpoint, models: Sequence[Checkpoint], keep: Sequen
                     inside[t] = None  # the bracket holds too many entries (ties): radix selection instead
                 else:
                     inside[t].append(within)
+        for checkpoint in (base, *models):
+            checkpoint.release(key)
     found: list[float | None] = []
     for t in range(n):
         rank = keep[t] - above[t]  # the threshold's rank among the bracketed entries, largest first

@@ -130,7 +130,10 @@ class Merger:
         inputs = [read(m, key) for m in models]
         if not self.stored_dtype_inputs:
             inputs = [x.to(cd) for x in inputs]
-        return self.merge_models(key, value.to(cd), inputs).to(value.dtype)
+        merged = self.merge_models(key, value.to(cd), inputs).to(value.dtype)
+        for checkpoint in (base, *models):
+            checkpoint.release(key)  # a streaming merge holds only the tensors in use
+        return merged
 
     def merge(self, base: ModelSource, finetuned: Sequence[ModelSource], data: MergeData | None = None, *,
               threads: int = 1) -> dict[str, Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -62,6 +63,9 @@ class Checkpoint(ABC):
     def get(self, key: str) -> Tensor:
         """One tensor."""
 
+    def release(self, key: str) -> None:
+        """Done with tensor ``key`` for now: a memory-mapped checkpoint drops its pages from this process."""
+
     def load(self) -> dict[str, Tensor]:
         """All tensors in memory."""
         return {k: self.get(k) for k in self.keys()}
@@ -86,11 +90,18 @@ class DictCheckpoint(Checkpoint):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more memory-mapped safetensors files (shards)."""
+    """One or more memory-mapped safetensors files (shards).
+
+    Tensors are zero-copy views of a private (copy-on-write) mapping of each file; :meth:`release`
+    hands a tensor's pages back to the kernel once a streaming merge is done with it, so a process
+    holds only the tensors in use, not every page of every input it has read (the views stay valid:
+    clean pages are read again from the file on the next access).
+    """
 
     def __init__(self, files: Sequence[Path], label: str) -> None:
         super().__init__(label)
         self._where: dict[str, Any] = {}
+        self._spans: dict[str, tuple[mmap.mmap, int, int]] = {}
         for path in files:
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -99,6 +110,7 @@ class SafetensorsCheckpoint(Checkpoint):
                                     f"pass a .safetensors file, a Hugging Face model folder or a polytask run directory") from exc
             for key in handle.keys():
                 self._where[key] = handle
+            self._spans |= _file_spans(Path(path))
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -109,7 +121,37 @@ class SafetensorsCheckpoint(Checkpoint):
         return tuple(sl.get_shape()), _ST_DTYPES.get(code, code)
 
     def get(self, key: str) -> Tensor:
-        return self._where[key].get_tensor(key)
+        shape, dtype = self.meta(key)
+        span = self._spans.get(key)
+        if span is None or not isinstance(dtype, torch.dtype):
+            return self._where[key].get_tensor(key)
+        mapping, start, stop = span
+        size = torch.empty((), dtype=dtype).element_size()
+        if stop == start or start % size:  # empty, or misaligned for its dtype: safetensors' own copy
+            return self._where[key].get_tensor(key)
+        return torch.frombuffer(mapping, dtype=dtype, count=(stop - start) // size, offset=start).view(shape)
+
+    def release(self, key: str) -> None:
+        span = self._spans.get(key)
+        if span is None:
+            return
+        mapping, start, stop = span
+        first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, stop // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _file_spans(path: Path) -> dict[str, tuple[mmap.mmap, int, int]]:
+    """Each tensor's byte range in a private mapping of the (already validated) safetensors file ``path``."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        if os.fstat(f.fileno()).st_size == 0:
+            return {}
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    begin = 8 + length
+    return {key: (mapping, begin + entry["data_offsets"][0], begin + entry["data_offsets"][1])
+            for key, entry in header.items() if key != "__metadata__"}
 
 
 def _shard_files(folder: Path) -> list[Path]:
