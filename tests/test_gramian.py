@@ -18,14 +18,15 @@ from test_ddp import assert_two_processes_match_one
 
 SWITCHED = {"mgda": {"mode": "params", "normalization": "loss+"}, "pcgrad": {}, "cagrad": {},
             "imtl": {"mode": "params"}, "nash-mtl": {}, "aligned-mtl": {}, "fairgrad": {}, "upgrad": {},
-            "dualproj": {}, "config": {}, "gradvac": {"beta": 0.5}}
+            "dualproj": {}, "config": {}, "gradvac": {"beta": 0.5}, "gradnorm": {}}
 
 
 class Net(nn.Module):
-    """A shared trunk (Linear layers, optionally a conv, an in-place ReLU, a layer used twice) and one
-    linear head per task."""
+    """A shared trunk (Linear layers, optionally a conv, an in-place ReLU, a layer used twice, two
+    parallel experts of one shape) and one linear head per task."""
 
-    def __init__(self, tasks: int = 3, conv: bool = False, inplace: bool = False, reuse: bool = False) -> None:
+    def __init__(self, tasks: int = 3, conv: bool = False, inplace: bool = False, reuse: bool = False,
+                 parallel: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.conv = nn.Conv1d(1, 2, 3, padding=1) if conv else None
@@ -33,6 +34,7 @@ class Net(nn.Module):
         self.mid = nn.Linear(8, 8, bias=False)
         self.act = nn.ReLU(inplace=inplace)
         self.reuse = reuse
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(2)) if parallel else None
         self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(tasks))
 
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -45,6 +47,8 @@ class Net(nn.Module):
         h = torch.tanh(self.mid(h))
         if self.reuse:
             h = torch.tanh(self.mid(h))
+        if self.experts is not None:
+            h = sum(torch.tanh(e(h)) for e in self.experts)
         return [head(h).squeeze(-1) for head in self.heads]
 
 
@@ -66,9 +70,9 @@ def data(n: int = 5, t: int = 3) -> tuple[Tensor, Tensor]:
     return torch.randn(n, 6, generator=gen), torch.randn(n, t, generator=gen)
 
 
-@pytest.mark.parametrize("kind", ["plain", "conv", "inplace", "reuse"])
+@pytest.mark.parametrize("kind", ["plain", "conv", "inplace", "reuse", "parallel"])
 def test_gramian_equals_explicit_gram_matrix(kind: str) -> None:
-    model = Net(conv=kind == "conv", inplace=kind == "inplace", reuse=kind == "reuse")
+    model = Net(conv=kind == "conv", inplace=kind == "inplace", reuse=kind == "reuse", parallel=kind == "parallel")
     x, y = data()
     ctx = GradContext(model, "params")
     for _ in range(2):   # the first call installs the hooks and takes the fallback path throughout
@@ -98,7 +102,7 @@ def test_inplace_modified_output_falls_back_and_plain_layers_do_not() -> None:
         ctx.gramian(losses)
         step = ctx.engine.step   # type: ignore[union-attr]
         assert step is not None
-        ghosted = [layer.module for layer, _, _ in step.layers]
+        ghosted = [layer.module for group in step.groups for layer in group.layers]
         ctx.apply(losses)
     assert model.mid in ghosted and model.inp not in ghosted   # inp's output went through ReLU(inplace)
     ctx.close()
@@ -112,16 +116,29 @@ def test_linear_gramian_ghost_and_direct_branches(n: int) -> None:
     ghost, direct = ghost_cost(n, 7, 5, 4)
     assert (ghost < direct) == (n == 3)
     g = torch.stack([torch.cat([(d.T @ a).reshape(-1), d.sum(0)]) for d in delta])
-    torch.testing.assert_close(layer_grads(a, delta, True), g)
-    torch.testing.assert_close(linear_gramian(a, delta, True), g @ g.T)
-    torch.testing.assert_close(linear_gramian(a, delta, False), g[:, :35] @ g[:, :35].T)
+    torch.testing.assert_close(layer_grads(a[None], delta[None], True), g[None])
+    for bias, rows in ((True, g), (False, g[:, :35])):
+        m, formed = linear_gramian(a[None], delta[None], bias)
+        torch.testing.assert_close(m, rows @ rows.T)
+        if n == 3:
+            assert formed is None
+        else:   # the direct branch hands its rows to the update
+            torch.testing.assert_close(formed, rows[None])
+        # two layers of one shape together: the sum of their Gramians
+        a2, d2 = torch.stack([a, 2 * a]), torch.stack([delta, -delta])
+        g2 = torch.stack([torch.cat([(d.T @ (2 * a)).reshape(-1), d.sum(0)]) for d in -delta])
+        rows2 = g2 if bias else g2[:, :35]
+        torch.testing.assert_close(linear_gramian(a2, d2, bias)[0], rows @ rows.T + rows2 @ rows2.T)
 
 
+@pytest.mark.parametrize("kind", ["reuse", "parallel", "parallel-direct"])
 @pytest.mark.parametrize("name", sorted(SWITCHED))
-def test_switched_method_update_equals_explicit_path(name: str) -> None:
-    model = Net(reuse=True)
+def test_switched_method_update_equals_explicit_path(name: str, kind: str) -> None:
+    """A layer used twice (its calls' rows joined) and two experts of one shape (their products taken
+    together: ghost products on 5 samples, per-task gradients on 40)."""
+    model = Net(reuse=kind == "reuse", parallel=kind != "reuse")
     ref = copy.deepcopy(model)
-    x, y = data()
+    x, y = data(40 if kind == "parallel-direct" else 5)
     names = ["a", "b", "c"]
     w_new, w_old = WEIGHTINGS.create(name, names, **SWITCHED[name]), WEIGHTINGS.create(name, names, **SWITCHED[name])
     new, old = GradContext(model, "params"), ExplicitContext(ref, "params")
@@ -133,6 +150,8 @@ def test_switched_method_update_equals_explicit_path(name: str) -> None:
             weighting.backward(losses, ctx)
         for (k, p), q in zip(model.named_parameters(), ref.parameters()):
             assert p.grad is not None and q.grad is not None, k
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{step} {k}: {m}")
+        for (k, p), q in zip(w_new.named_parameters(), w_old.parameters()):   # learned weights (GradNorm, IMTL)
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{step} {k}: {m}")
     assert new.engine is not None and new.engine.step is None   # apply ended the step
 

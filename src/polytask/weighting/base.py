@@ -196,9 +196,10 @@ class GradContext:
             sw = w if shared_weights is None else shared_weights.to(losses).detach()
             for p, g in self.engine.shared_grads(sw):   # type: ignore[union-attr]
                 p.grad = g if p.grad is None else p.grad + g
+            ws = w.unbind()
             for p, rows in zip(self.others, self._other_rows):   # averaged over ranks with the Gramian
-                terms = [wt * r for wt, r in zip(w.to(p.dtype), rows) if r is not None]
-                g = torch.stack(terms).sum(0) if terms else torch.zeros_like(p)
+                terms = [r if weights is None else ws[i].to(p.dtype) * r for i, r in enumerate(rows) if r is not None]
+                g = terms[0] if len(terms) == 1 else torch.stack(terms).sum(0) if terms else torch.zeros_like(p)
                 p.grad = g if p.grad is None else p.grad + g
             self.engine.finish()   # type: ignore[union-attr]
             return

@@ -15,7 +15,9 @@ the weights are read, which gives the same weights at every use.
 Gradient source: the paper takes W = "the last shared layer" to save compute. ``mode=
 "params"`` (default) uses all shared parameters (exact, the general definition);
 ``mode="rep"`` uses the gradient w.r.t. the shared representation (the output of the last
-shared layer, LibMTL's ``rep_grad``). L_i(0) are the losses of the first step.
+shared layer, LibMTL's ``rep_grad``). L_i(0) are the losses of the first step. The norms are the
+square roots of the Gramian's diagonal and the update is w @ G, so in ``params`` mode G is never
+formed (:meth:`GradContext.gramian`, ``_gramian.py``).
 
 Checked against: median-research-group/LibMTL LibMTL/weighting/GradNorm.py (commit 4336804); no
 code by the paper's authors was found in the stored repositories. LibMTL's G_W^(i) =
@@ -64,8 +66,7 @@ class GradNorm(Weighting):
         if not bool(self.started):
             self.initial_losses.copy_(current)
             self.started.fill_(True)
-        grads = ctx.task_grads(losses)
-        norms = grads.norm(dim=1).to(self.weights)                 # ||grad_W L_i||
+        norms = ctx.gramian(losses).diagonal().clamp_min(0.0).sqrt().to(self.weights)   # ||grad_W L_i||
         g_w = self.weights * norms                                  # G_W^(i) = w_i ||grad_W L_i||
         inverse_rate = current / self.initial_losses.clamp_min(1e-12)
         r = inverse_rate / inverse_rate.mean()
