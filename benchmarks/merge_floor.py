@@ -7,10 +7,10 @@ base[k] + λ·acc``), one torch thread per Python thread.
 
 Streamed (``--file-params`` per model, ``--dtype``): ``merge_files`` from memory-mapped safetensors to one
 ``.safetensors`` output, for average, task arithmetic, TIES and DARE, each time ÷ reading the nine files
-once (every tensor via ``safe_open`` and summed, warm page cache), and the private (anonymous) memory
-the merge added, sampled every 5 ms, ÷ one model's size. That memory is measured in this process after
-the timed rounds, so heap pages that earlier rounds freed but the allocator kept are not counted again:
-a lower bound (``benchmarks/merge_scale.py`` measures each merge in a fresh process).
+once (every tensor via ``safe_open`` and summed, warm page cache), each merge writing a new output
+(the previous one is removed untimed), and the private (anonymous) memory the merge added, sampled
+every 5 ms, ÷ one model's size (in this process after the timed rounds: a lower bound). Then each
+method's peak RSS in a fresh process (VmHWM, the input pages it maps included) for N = 2, 4, 8 models.
 
 Repeats are interleaved (every variant once per round) and medians reported; ratios come from the same run.
 
@@ -26,6 +26,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -78,12 +80,15 @@ def plain_task_arithmetic(base: dict, fts: list[dict], lam: float = 0.3) -> dict
     return out
 
 
-def rounds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each variant, ``repeats`` interleaved rounds (one warm-up round dropped)."""
+def rounds(variants: dict[str, Callable[[], object]], repeats: int,
+           before: Callable[[], object] = lambda: None) -> dict[str, list[float]]:
+    """Seconds of each variant, ``repeats`` interleaved rounds (one warm-up round dropped); ``before`` runs
+    untimed ahead of each call (e.g. removing the previous output)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats + 1):
         for name, fn in variants.items():
             gc.collect()
+            before()
             start = time.perf_counter()
             fn()
             if r:
@@ -166,7 +171,8 @@ def streamed(params: int, dtype_name: str, repeats: int, threads: tuple[int, ...
             variants[f"{method}, {n} thread{'s' if n > 1 else ''}"] = (
                 lambda m=method, o=options, n=n: merge_files(m, files[0], files[1:], directory / "out.safetensors",
                                                               overwrite=True, threads=n, **o))
-    times = rounds(variants, repeats)
+    out = directory / "out.safetensors"
+    times = rounds(variants, repeats, before=lambda: out.unlink(missing_ok=True))  # a new output, as a user writes
     read_s = statistics.median(times["read the nine files once"])
     rows = []
     for name, values in times.items():
@@ -174,7 +180,37 @@ def streamed(params: int, dtype_name: str, repeats: int, threads: tuple[int, ...
         rows.append({"variant": name, "median_s": statistics.median(values),
                      "vs_read_once": statistics.median(values) / read_s,
                      "added_private_memory_vs_one_model": memory / model_bytes, "runs_s": values})
-    return rows, model_bytes
+    peaks = [{"method": method, "models": n, **fresh_peak_rss(method, options, files[0], files[1:n + 1], directory)}
+             for method, options in methods.items() for n in (2, 4, MODELS)]
+    for row in peaks:
+        row["peak_vs_one_model"] = row["peak_bytes"] / model_bytes
+        row["added_vs_one_model"] = (row["peak_bytes"] - row["baseline_bytes"]) / model_bytes
+    return rows, peaks, model_bytes
+
+
+PEAK_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from polytask.merging import merge_files
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+method, options, base, models, out = json.loads(sys.argv[1])
+baseline = hwm()
+merge_files(method, base, models, out, **options)
+print(json.dumps({"baseline_bytes": baseline, "peak_bytes": hwm()}))
+"""
+
+
+def fresh_peak_rss(method: str, options: dict, base: Path, models: list[Path], directory: Path) -> dict:
+    """Peak RSS (VmHWM: anonymous and file-backed pages) of one merge in a fresh process, and that process's
+    peak after its imports (the baseline), in bytes."""
+    out = directory / "peak.safetensors"
+    out.unlink(missing_ok=True)
+    args = json.dumps([method, options, str(base), [str(m) for m in models], str(out)])
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, args], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out.unlink(missing_ok=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -189,13 +225,13 @@ def main() -> None:
     torch.set_num_threads(1)
     memory_rows = in_memory(int(args.memory_params), args.repeats) if args.memory_params else []
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
-        file_rows, model_bytes = (streamed(int(args.file_params), args.dtype, args.file_repeats, (1, 2), Path(tmp))
-                                  if args.file_params else ([], 0))
+        file_rows, peak_rows, model_bytes = (streamed(int(args.file_params), args.dtype, args.file_repeats, (1, 2), Path(tmp))
+                                             if args.file_params else ([], [], 0))
     load = os.getloadavg()
     result = {"settings": {**vars(args), "models": MODELS, "torch_threads_per_python_thread": torch.get_num_threads(),
                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "machine": platform.processor(),
                            "load_average_after": load, "model_bytes": model_bytes},
-              "in_memory": memory_rows, "streamed": file_rows}
+              "in_memory": memory_rows, "streamed": file_rows, "fresh_process_peak_rss": peak_rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# {args.name}", "", f"Settings: {json.dumps(result['settings'])}", ""]
@@ -211,6 +247,11 @@ def main() -> None:
                   "| variant | median s | ÷ read once | added private memory ÷ one model |", "|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['median_s']:.2f} | {r['vs_read_once']:.2f} | "
                   f"{r['added_private_memory_vs_one_model']:.2f} |" for r in file_rows]
+        lines += ["", "Peak RSS of each merge in a fresh process (VmHWM, the mapped input pages included), ÷ one "
+                  "model; 'above baseline' subtracts the process's peak after its imports (torch alone is ~300 MB).", "",
+                  "| method | N models | peak RSS ÷ one model | above baseline ÷ one model |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['models']} | {r['peak_vs_one_model']:.2f} | {r['added_vs_one_model']:.2f} |"
+                  for r in peak_rows]
     lines += ["", f"Load average after the run (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
