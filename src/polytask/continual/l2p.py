@@ -35,7 +35,10 @@ and ``train_mask``. Same mechanism and loss.
 Deviations: the port defaults to ``batchwise_prompt=True`` (the N prompts chosen most often in the
 batch are used for every sample); we select per sample, as Eq. 3 defines it. The backbone
 is MiniLM / EfficientNet-Lite0 or the run's own, not a ViT-B/16, and the feature-shift adaptation
-above replaces prepending where there are no tokens.
+above replaces prepending where there are no tokens. In token mode the prompts enter through
+MiniLM's input embeddings, so they get BERT's position embeddings (positions 0..N·L_p−1) and shift the
+text tokens' positions by N·L_p, where the ViT of the paper prepends them after its position
+embedding. The pull coefficient is the code's 0.1; the paper's text gives λ = 0.5.
 """
 
 from __future__ import annotations
