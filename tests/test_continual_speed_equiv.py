@@ -199,3 +199,41 @@ def test_masked_task_losses_equal_the_float_mask_formula_bit_for_bit(dtype):
         per_sample, m = t.loss(out[t.name], y[t.name]), mask[t.name].to(dtype)
         reference.append((per_sample * m).sum() / m.sum().clamp(min=1.0))
     assert torch.equal(masked_task_losses(tasks, out, Batch(torch.zeros(7, 1), y, mask)), torch.stack(reference))
+
+
+def test_lwf_targets_stored_once_per_experience_train_like_the_per_batch_forward(monkeypatch):
+    from polytask.continual import lwf
+    from polytask.continual.runner import ContinualConfig, run_continual
+    from polytask.continual.scenario import Scenario
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(120, 6, generator=g), torch.arange(120) % 6
+    finals, stored = [], []
+    real_train_data = lwf.LwF.train_data
+
+    def spy(self, index):
+        tasks, data = real_train_data(self, index)
+        stored.append(sorted(k for k in data.y if k.startswith(lwf.TARGETS)))
+        return tasks, data
+
+    monkeypatch.setattr(lwf.LwF, "train_data", spy)
+    for once in (True, False):
+        monkeypatch.setattr(lwf, "samplewise", lambda model, once=once: once)
+        cfg = ContinualConfig(scenario="custom", strategy="lwf", arch_options={"bottom": [8], "tower": []},
+                              train={"epochs": 2, "batch_size": 16, "lr": 0.05, "optimizer": "sgd", "seed": 0})
+        finals.append(run_continual(cfg, scenario=Scenario.from_tensors(x, y, classes_per_experience=2)).model.state_dict())
+    assert stored[0] == [] and stored[1] and stored[2]  # experiences 2 and 3 carry the old outputs as labels
+    assert all(s == [] for s in stored[3:])  # the per-batch path adds none
+    for k in finals[0]:
+        assert torch.allclose(finals[0][k], finals[1][k], atol=1e-6), k
+
+
+def test_buffer_full_keeps_only_the_tasks_labelled_on_every_stored_item():
+    buf = ReservoirBuffer(capacity=6, seed=0)
+    buf.add(torch.randn(4, 2), {"y/a": torch.zeros(4)}, full=frozenset({"a", "b"}))
+    assert buf.full == {"a", "b"}
+    buf.add(torch.randn(4, 2), {"y/a": torch.zeros(4)}, full=frozenset({"a"}))  # a batch where b is partly labelled
+    assert buf.full == {"a"} and buf.size == 6
+    restored = ReservoirBuffer(capacity=6, seed=0)
+    restored.load({"_rng": buf.generator.get_state()}, buf.state_meta(), "")
+    assert restored.full == {"a"}

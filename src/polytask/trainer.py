@@ -366,10 +366,11 @@ class Trainer:
                                 f"supported here ({' '.join(str(exc).split())[:160]}); use optimizer_impl=auto") from exc
 
     def _optimizer_impl(self) -> dict[str, bool | None]:
-        """torch's ``fused``/``foreach`` flags: ``auto`` is fused on CUDA and torch's own default elsewhere."""
+        """torch's ``fused``/``foreach`` flags: ``auto`` is fused on CUDA and torch's own default elsewhere (on the
+        CPU that default is the per-tensor loop, named so that torch does not re-derive it at every step)."""
         impl = self.config.optimizer_impl
         if impl == "auto":
-            impl = "fused" if self.device.type == "cuda" else "default"
+            impl = {"cuda": "fused", "cpu": "loop"}.get(self.device.type, "default")
         return {"fused": {"fused": True}.get(impl), "foreach": {"foreach": True, "loop": False}.get(impl)}
 
     def _check_weighting_hardware(self, name: str) -> None:

@@ -33,6 +33,7 @@ class ReservoirBuffer:
         self.seen = 0
         self.size = 0
         self.data: dict[str, Tensor] = {}
+        self.full: frozenset[str] = frozenset()  # tasks labelled on every stored item
         self.class_seen: dict[int, int] = {}
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -89,8 +90,10 @@ class ReservoirBuffer:
                 slots.append(slot)
         return torch.tensor(items, dtype=torch.long), torch.tensor(slots, dtype=torch.long)
 
-    def add(self, x: Inputs, tensors: dict[str, Tensor], keys: Tensor | None = None) -> None:
-        """Offer a batch: inputs ``x`` plus named per-sample ``tensors`` (labels, masks, logits)."""
+    def add(self, x: Inputs, tensors: dict[str, Tensor], keys: Tensor | None = None,
+            full: frozenset[str] = frozenset()) -> None:
+        """Offer a batch: inputs ``x`` plus named per-sample ``tensors`` (labels, masks, logits); ``full``: the
+        tasks labelled on every item of the batch (the memory keeps, in :attr:`full`, those of every stored item)."""
         count = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
         items, slots = self.slots(count, keys)
         if len(items) == 0:
@@ -102,7 +105,9 @@ class ReservoirBuffer:
             self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=v.dtype) for k, v in flat.items()}
         for k, v in flat.items():  # into the preallocated tensors, one gather and one scatter each
             self.data[k].index_copy_(0, slots, v.detach().index_select(0, items).to(self.data[k].dtype))
-        self.size = max(self.size, int(slots.max()) + 1)
+        self.full = full if self.size == 0 else self.full & full
+        if self.size < self.capacity:  # a full memory stays full
+            self.size = max(self.size, int(slots.max()) + 1)
 
     # ------------------------------------------------------------- sampling
     def draw(self, n: int) -> Tensor:
@@ -128,11 +133,12 @@ class ReservoirBuffer:
 
     def state_meta(self) -> dict[str, Any]:
         return {"seen": self.seen, "size": self.size, "class_seen": {str(k): v for k, v in self.class_seen.items()},
-                "capacity": self.capacity}
+                "capacity": self.capacity, "full": sorted(self.full)}
 
     def load(self, tensors: dict[str, Tensor], meta: dict[str, Any], prefix: str) -> None:
         self.seen, self.size = int(meta["seen"]), int(meta["size"])
         self.class_seen = {int(k): int(v) for k, v in meta["class_seen"].items()}
+        self.full = frozenset(meta.get("full", ()))  # a checkpoint without it: the masks decide
         self.generator.set_state(tensors[f"{prefix}_rng"])
         self.data = {}
         for key, v in tensors.items():
@@ -184,7 +190,8 @@ def batch_rows(batch: Batch, tasks: list[Task]) -> dict[str, Tensor]:
     return {**_flatten_inputs(batch.x), **batch_tensors(batch, tasks)}
 
 
-def rows_batch(rows: dict[str, Tensor], tasks: list[Task]) -> Batch:
-    """The inverse of :func:`batch_rows`."""
+def rows_batch(rows: dict[str, Tensor], tasks: list[Task], full: frozenset[str] = frozenset()) -> Batch:
+    """The inverse of :func:`batch_rows`; ``full``: the tasks labelled on every row (a buffer's :attr:`full`)."""
     names = [t.name for t in tasks]
-    return Batch(_unflatten_inputs(rows), {t: rows[f"y/{t}"] for t in names}, {t: rows[f"mask/{t}"] for t in names})
+    return Batch(_unflatten_inputs(rows), {t: rows[f"y/{t}"] for t in names}, {t: rows[f"mask/{t}"] for t in names},
+                 full & frozenset(names))

@@ -118,7 +118,7 @@ def grads_of(params: list[nn.Parameter]) -> list[Tensor]:
 
 def batch_loss(model: nn.Module, tasks: list[Task], batch: Batch, outputs: dict[str, Tensor] | None = None) -> Tensor:
     """Sum over ``tasks`` labelled in ``batch`` of the masked mean task loss (0 if none is)."""
-    present = [t for t in tasks if t.name in batch.mask and bool(batch.mask[t.name].any())]
+    present = [t for t in tasks if t.name in batch.full or (t.name in batch.mask and bool(batch.mask[t.name].any()))]
     if not present:
         return torch.zeros(())
     outputs = outputs if outputs is not None else model(batch.x)

@@ -57,16 +57,17 @@ class DERPlusPlus(BufferStrategy):
 
     def logit_loss(self, model: nn.Module, rows: dict[str, Tensor], outputs: dict[str, Tensor] | None = None) -> Tensor:
         """Mean squared error between stored and current outputs, over the tasks each sample is labelled for."""
-        batch = rows_batch(rows, self.all_tasks)
+        batch = rows_batch(rows, self.all_tasks, self.buffer.full)
         out = outputs if outputs is not None else model(batch.x)
-        total = torch.zeros(())
+        total: Tensor | None = None
         for t in self.all_tasks:
-            m = batch.mask[t.name].float()
-            if not bool(m.any()):
+            m = None if t.name in batch.full else batch.mask[t.name].float()  # None: every row labelled
+            if m is not None and not bool(m.any()):
                 continue
-            err = ((out[t.name] - rows[f"z/{t.name}"]) ** 2).reshape(len(m), -1).mean(-1)
-            total = total + (err * m).sum() / m.sum()
-        return total
+            err = ((out[t.name] - rows[f"z/{t.name}"]) ** 2).reshape(len(batch), -1).mean(-1)
+            term = err.mean() if m is None else (err * m).sum() / m.sum()
+            total = term if total is None else total + term
+        return torch.zeros(()) if total is None else total
 
     def joint_inputs(self, trainer: Trainer, batch: Batch) -> Inputs | None:
         """The two memory batches' inputs, forwarded with the step's batch when the model is sample-wise."""
@@ -86,10 +87,11 @@ class DERPlusPlus(BufferStrategy):
         if outputs is None and self._joint:
             outputs = model(rows_batch(rows, self.all_tasks).x)
         logits, labels = {key: v[:k] for key, v in rows.items()}, {key: v[k:] for key, v in rows.items()}
-        first = None if outputs is None else {t: v[:k] for t, v in outputs.items()}
-        second = None if outputs is None else {t: v[k:] for t, v in outputs.items()}
+        parts = None if outputs is None else {t: v.split([k, len(v) - k]) for t, v in outputs.items()}  # one node each
+        first = None if parts is None else {t: p[0] for t, p in parts.items()}
+        second = None if parts is None else {t: p[1] for t, p in parts.items()}
         return (self.alpha * self.logit_loss(model, logits, first)
-                + self.beta * batch_loss(model, self.all_tasks, rows_batch(labels, self.all_tasks), second))
+                + self.beta * batch_loss(model, self.all_tasks, rows_batch(labels, self.all_tasks, self.buffer.full), second))
 
     def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
         if self._draws is None and len(self.buffer):  # a trainer that does not call joint_inputs
@@ -97,6 +99,6 @@ class DERPlusPlus(BufferStrategy):
         joint = getattr(trainer, "joint_outputs", {}).get(self)  # this hook's rows of the trainer's forward, if any
         loss = None if self._draws is None else self.memory_loss(trainer.model, self._draws, joint)
         logits = {f"z/{t.name}": outputs[t.name].detach() for t in self.all_tasks}
-        self.buffer.add(batch.x, {**batch_tensors(batch, self.all_tasks), **logits})
+        self.buffer.add(batch.x, {**batch_tensors(batch, self.all_tasks), **logits}, full=batch.full)
         self._draws = None
         return loss

@@ -12,6 +12,12 @@ over all classes) the distillation covers only the output units of the classes s
 (the "active units" of van de Ven & Tolias 2019). Binary and multi-label heads distil the
 tempered sigmoids (binary cross-entropy), regression heads the outputs themselves (MSE).
 
+The old model is frozen for a whole experience, so its outputs on the experience's training
+data are fixed: when each of its samples' outputs depends on that sample alone
+(:func:`~polytask.continual.base.samplewise`), they are computed once per experience (as the
+paper records ŷ_o before training) and travel with the data, every batch carrying its rows'
+targets; otherwise the frozen model runs on every batch.
+
 Checked against: aimagelab/mammoth models/lwf.py and ContinualAI/avalanche
 avalanche/training/plugins/lwf.py. Same distillation: the tempered (T = 2) softmax of the old
 network's outputs as soft targets for the current one's, on the output units of the classes seen
@@ -32,11 +38,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from polytask.continual.base import Strategy
+from polytask.continual.base import Strategy, samplewise
 from polytask.errors import PolytaskError
 from polytask.registry import STRATEGIES
-from polytask.tasks import Batch
+from polytask.tasks import Batch, MultiTaskData, Task
 from polytask.trainer import Trainer
+
+TARGETS = "lwf-old/"  # label key prefix of the stored targets (the old model's outputs per old task)
 
 
 @STRATEGIES.register("lwf")
@@ -67,16 +75,31 @@ class LwF(Strategy):
                                                      else None) for t in self.seen_tasks()])
         return self._distilled[1]
 
+    def train_data(self, index: int) -> tuple[list[Task], MultiTaskData]:
+        """The experience's data, with the old model's outputs on it (active units only) as extra labels
+        ``lwf-old/<task>`` when the old model is sample-wise: one forward per experience, not per batch."""
+        tasks, data = super().train_data(index)
+        if self.old is None or not samplewise(self.old):
+            return tasks, data
+        parts = [self._old_outputs(b.x) for b in data.batches(2048)]
+        stored = {f"{TARGETS}{t.name}": torch.cat([p[t.name] for p in parts]) for t, _ in self.distilled()}
+        return tasks, MultiTaskData(data.x, {**data.y, **stored}, dict(data.mask))
+
+    def _old_outputs(self, x: Any) -> dict[str, Tensor]:
+        """The targets of each old task on inputs ``x``: the frozen model's outputs on its active units."""
+        old = self.targets(x)
+        return {t.name: old[t.name] if cols is None else old[t.name].index_select(1, cols) for t, cols in self.distilled()}
+
     def extra_loss(self, trainer: Trainer, batch: Batch, outputs: dict[str, Tensor]) -> Tensor | None:
         if self.old is None:
             return None
-        old = self.targets(batch.x)
+        keys = [f"{TARGETS}{t.name}" for t, _ in self.distilled()]
+        old = ({t.name: batch.y[k] for (t, _), k in zip(self.distilled(), keys)} if all(k in batch.y for k in keys)
+               else self._old_outputs(batch.x))
         terms = []
         for t, cols in self.distilled():
-            new_t, old_t = outputs[t.name], old[t.name]
-            if cols is not None:
-                new_t, old_t = new_t.index_select(1, cols), old_t.index_select(1, cols)
-            terms.append(t.kind_impl.distillation(new_t, old_t, self.temperature))
+            new_t = outputs[t.name] if cols is None else outputs[t.name].index_select(1, cols)
+            terms.append(t.kind_impl.distillation(new_t, old[t.name], self.temperature))
         return self.alpha * sum(terms[1:], terms[0]) if terms else None
 
     def after_fit(self, trainer: Trainer) -> None:

@@ -65,9 +65,9 @@ class Replay(BufferStrategy):
             self._rows = self.buffer.sample(self.replay_batch or len(batch))
         loss = None
         if self._rows is not None:
-            memory = rows_batch(self._rows, self.all_tasks)
+            memory = rows_batch(self._rows, self.all_tasks, self.buffer.full)
             loss = batch_loss(trainer.model, self.all_tasks, memory, getattr(trainer, "joint_outputs", {}).get(self))
         keys = class_keys(batch, [t.name for t in self.all_tasks]) if self.class_balanced else None
-        self.buffer.add(batch.x, batch_tensors(batch, self.all_tasks), keys)
+        self.buffer.add(batch.x, batch_tensors(batch, self.all_tasks), keys, batch.full)
         self._rows = None
         return loss
