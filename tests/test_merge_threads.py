@@ -1,4 +1,4 @@
-"""Cheap merges' fast paths and the thread pool: same bits as the blocked path and as one thread,
+"""Cheap merges' fast paths and the thread pool: the exact formulas to float rounding, same bits as one thread,
 exact self-averaging, inputs neither written nor aliased."""
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ def test_average_running_mean_is_close_to_the_float64_mean():
 
 
 @pytest.mark.parametrize("options", [{}, {"weights": [0.5, -1.0, 2.0], "normalize": True, "lam": 0.7}])
-def test_task_arithmetic_whole_tensor_path_equals_the_blocked_path_bit_for_bit(options):
+def test_task_arithmetic_in_place_sum_is_the_float64_formula_to_float32_rounding(options):
     g = torch.Generator().manual_seed(2)
     base = torch.randn(2 * BLOCK + 123, generator=g)
-    models = [base + torch.randn(base.shape, generator=g) for _ in range(3)]
+    models = [base + 0.01 * torch.randn(base.shape, generator=g) for _ in range(3)]
     ta = MERGERS.create("task-arithmetic", **options)
+    weights = options.get("weights", [1.0] * 3)
+    divisor = sum(weights) if options.get("normalize") else 1.0
+    exact = base.double() + options.get("lam", 0.3) * sum(w * (m.double() - base.double()) for w, m in
+                                                             zip(weights, models)) / divisor
     fast = ta.merge_models("w", base, models)
-    blocked = SparseTaskArithmetic.merge_models(ta, "w", base, models)
-    assert torch.equal(fast, blocked)
+    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=2e-6)
+    blocked = SparseTaskArithmetic.merge_models(ta, "w", base, models)  # the sparse family at density 1
+    torch.testing.assert_close(fast, blocked, rtol=0, atol=2e-6)
+    assert torch.equal(ta.merge_models("w", base, [base] * 3), base)  # self-merge gives the base back
 
 
 @pytest.mark.parametrize("method", ["average", "task-arithmetic", "ties"])
