@@ -247,6 +247,13 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def _slope(values: list[float]) -> float:
+    """Least-squares slope of ``values`` against their index, in % of their mean."""
+    xs = range(len(values))
+    mx, my = statistics.mean(xs), statistics.mean(values)
+    return 100 * sum((x - mx) * (y - my) for x, y in zip(xs, values)) / sum((x - mx) ** 2 for x in xs) / my
+
+
 def render(payload: dict[str, Any]) -> str:
     env = payload["environment"]
     lines = ["# Continual speed: polytask vs Avalanche 0.6.0", "",
@@ -257,7 +264,9 @@ def render(payload: dict[str, Any]) -> str:
              "seeds per experience, then the mean over the 5 experiences.", "",
              f"Both sides run in one process per work and seed, in the Avalanche venv (torch {env.get('torch', '?')}, "
              "run on CPU), strategy by strategy, the side order alternating. Ratio = Avalanche ÷ polytask; the "
-             f"lowest single-seed ratio in brackets. Machine: {env['cpus']} cores shared with other jobs.", ""]
+             f"lowest single-seed ratio in brackets. Machine: {env['cpus']} cores shared with other jobs"
+             + (", 1-minute load average {} at the start, {} at the end.".format(*env["load_average"])
+                if "load_average" in env else "."), ""]
     for work in payload["works"]:
         rows = [r for r in payload["rows"] if r["work"] == work]
         lines += [f"## {WORKS[work]['label']}", "",
@@ -279,11 +288,15 @@ def render(payload: dict[str, Any]) -> str:
             if tune:
                 lines += ["", f"Fine-tuning ÷ the bare loop: polytask {tune['polytask']['s_per_exp'] / base:.2f}×, "
                               f"Avalanche {tune['avalanche']['s_per_exp'] / base:.2f}×."]
-        lines += ["", "Seconds per experience, experience 1 → 5 (last ÷ first in brackets):", "",
-                  "| strategy | polytask | Avalanche |", "|---|---|---|"]
+        lines += ["", "Seconds per experience, experience 1 → 5 (last ÷ first in brackets; the first experience has "
+                  "nothing to protect), and the least-squares slope over experiences 2 → 5 in % of their mean per "
+                  "experience (0: flat):", "",
+                  "| strategy | polytask | slope | Avalanche | slope |", "|---|---|---|---|---|"]
         for r in rows:
             curve = lambda d: (" ".join(f"{v:.3f}" for v in d["curve"]) + f" ({d['last_over_first']:.2f})") if d else "–"  # noqa: E731
-            lines.append(f"| {r['strategy']} | {curve(r.get('polytask'))} | {curve(r.get('avalanche'))} |")
+            slope = lambda d: f"{_slope(d['curve'][1:]):+.1f}%" if d and len(d["curve"]) > 2 else "–"  # noqa: E731
+            lines.append(f"| {r['strategy']} | {curve(r.get('polytask'))} | {slope(r.get('polytask'))} | "
+                         f"{curve(r.get('avalanche'))} | {slope(r.get('avalanche'))} |")
         lines.append("")
     lines += NOTES
     return "\n".join(lines)
@@ -318,6 +331,7 @@ def main() -> None:
         raise SystemExit(f"no Avalanche venv at {VENV}; run: python benchmarks/continual_speed.py --make-venv")
     works, strategies = args.works.split(","), args.strategies.split(",")
     runs: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     partial = Path(tempfile.gettempdir()) / "continual_speed.partial.json"
     for seed in range(args.seeds):
         for work in works:
@@ -329,7 +343,8 @@ def main() -> None:
     torch_of = {r["side"]: r["torch"] for r in runs}
     payload = {"environment": {"threads": 1, "seeds": args.seeds, "cpus": os.cpu_count(), "clock": "process_time",
                                "torch": torch_of.get("avalanche"),
-                               "avalanche": "0.6.0", "batch_size": BATCH, "lr": LR},
+                               "avalanche": "0.6.0", "batch_size": BATCH, "lr": LR,
+                               "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
                "works": works, "rows": [row for w in works for row in summarize(runs, w, strategies)], "runs": runs}
     write_results("continual_speed", payload, render(payload))
     print(render(payload))
